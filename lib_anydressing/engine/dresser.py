@@ -1,0 +1,283 @@
+"""Dressing-Attention: patches every self-attention layer of the target UNet, and takes it out again.
+
+Two ways to attend to the garments, chosen by whether projections are given:
+- additive (PAPER.md eq. 6): Z = Attn(x) + lambda * softmax(Q K'^T / sqrt(d)) V', with K'/V' from the
+  trainable projections. The frozen attention runs through whatever forward the WebUI has active and
+  the garment term is added after it: to_out is linear, so to_out(A + lambda B) = to_out(A) + lambda B W_o^T.
+- joint (training-free): the garment tokens, projected by the layer's own W_k/W_v, join the frozen
+  self-attention's keys and values (reference-only style); strength and weights are logit offsets.
+K'/V' depend only on the garments, so they are computed once at install, not at every step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .forward_patch import ForwardPatch
+from .garments_net import GarmentFeatures
+from .projections import DressingProjections
+from .regions import garment_bias
+from .unet_layers import SelfAttentionLayer, self_attention_layers, token_grid
+
+_MARKER = "_anydressing_dresser"
+
+
+@dataclass
+class _LayerState:
+    layer: SelfAttentionLayer
+    features: Tensor  # F_all, (1, N * T, C)
+    k: Tensor | None = None  # (1, heads, N * T, d), cached unless recompute_kv
+    v: Tensor | None = None
+
+
+class Dresser:
+    """Installs Dressing-Attention on a UNet for one generation; also a context manager.
+
+    `cond_rows` names the batch rows that see the garments (None: all rows); unconditional rows are
+    left exactly as the plain UNet computes them (paper eq. 16). `active` switches the garments off
+    for part of the sampling range without uninstalling.
+    """
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        features: GarmentFeatures,
+        projections: DressingProjections | None = None,
+        *,
+        strength: float = 0.7,
+        weights: Sequence[float] | None = None,
+        regions: Sequence[Tensor | None] | None = None,
+        record_attention_mass: bool = False,
+        recompute_kv: bool = False,
+    ) -> None:
+        n = features.n_garments
+        self.weights = [1.0] * n if weights is None else [float(w) for w in weights]
+        self.regions = [None] * n if regions is None else list(regions)
+        if len(self.weights) != n or len(self.regions) != n:
+            raise ValueError(f"{n} garments but {len(self.weights)} weights and {len(self.regions)} regions")
+        if any(w < 0 for w in self.weights) or strength < 0:
+            raise ValueError("strength and garment weights must be >= 0")
+        self.unet = unet
+        self.features = features
+        self.projections = projections
+        self.strength = float(strength)
+        self.record_attention_mass = record_attention_mass
+        self.recompute_kv = recompute_kv
+        self.cond_rows: Sequence[int] | None = None
+        self.active = True
+        self.attention_mass: dict[str, Tensor] = {}
+        self._kept = [k for k, w in enumerate(self.weights) if w > 0]  # weight 0 drops the garment
+        self._latent_hw: tuple[int, int] | None = None
+        self._patches: list[ForwardPatch] = []
+        self._hook: Any = None
+        self._states: list[_LayerState] = []
+        self._biases: dict[tuple, tuple[Tensor, Tensor | None]] = {}
+
+    @property
+    def mode(self) -> str:
+        return "joint" if self.projections is None else "additive"
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._patches)
+
+    def install(self) -> Dresser:
+        """Patch the UNet. Any dresser already on it is removed first: installs never stack."""
+        remove_dressing(self.unet)
+        layers = self_attention_layers(self.unet)
+        missing = [layer.name for layer in layers if layer.name not in self.features.per_layer]
+        if missing:
+            raise ValueError(f"garment features lack layers {missing[:3]}: GarmentsNet and UNet do not match")
+        if self.projections is not None:
+            absent = [layer.name for layer in layers if layer.name not in self.projections.layer_names]
+            if absent:
+                raise ValueError(f"Dressing-Attention projections lack layers {absent[:3]}")
+        try:
+            for layer in layers:
+                state = self._layer_state(layer)
+                self._states.append(state)
+                self._patches.append(ForwardPatch(layer.attn, self._make_forward(state)))
+            self._hook = self.unet.register_forward_pre_hook(self._record_latent_hw, with_kwargs=True)
+            self.unet.__dict__[_MARKER] = self
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def remove(self) -> None:
+        """Restore the UNet exactly; safe to call more than once and after a failed forward."""
+        for patch in reversed(self._patches):
+            patch.restore()
+        self._patches.clear()
+        self._states.clear()
+        self._biases.clear()
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self.unet.__dict__.get(_MARKER) is self:
+            del self.unet.__dict__[_MARKER]
+
+    def __enter__(self) -> Dresser:
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    # --- per layer -----------------------------------------------------------------------------
+
+    def _layer_state(self, layer: SelfAttentionLayer) -> _LayerState:
+        f = self.features.per_layer[layer.name]
+        f = f[self._kept] if len(self._kept) < f.shape[0] else f
+        state = _LayerState(layer, f.reshape(1, -1, f.shape[-1]))
+        if not self.recompute_kv:
+            state.k, state.v = self._garment_kv(state)
+        return state
+
+    def _garment_kv(self, state: _LayerState) -> tuple[Tensor, Tensor]:
+        attn = state.layer.attn
+        if self.projections is None:
+            to_k, to_v = attn.to_k, attn.to_v
+        else:
+            to_k, to_v = self.projections.pair(state.layer.name)
+        f = state.features.to(to_k.weight.dtype)
+        k, v = to_k(f), to_v(f)
+        if self.projections is not None:  # additive: weight w_k scales garment k's values
+            t = f.shape[1] // max(len(self._kept), 1)
+            scale = torch.tensor([self.weights[i] for i in self._kept], dtype=v.dtype, device=v.device)
+            v = v * scale.repeat_interleave(t)[None, :, None]
+        return _split_heads(k, attn.heads), _split_heads(v, attn.heads)
+
+    def _bias(self, state: _LayerState, n_query: int, device: torch.device, dtype: torch.dtype):
+        """(bias, valid) for a query grid, or (None, None) when nothing is masked or offset.
+
+        Cached per grid size and shared by all layers at that level: at 64x96 with two 64x48
+        garments one top-level bias is 6144 x 6144 values, built once per generation.
+        """
+        joint = self.projections is None
+        has_regions = any(self.regions[i] is not None for i in self._kept)
+        if not has_regions and not joint:
+            return None, None
+        if has_regions and self._latent_hw is None:
+            raise RuntimeError("region masks need the UNet called as a module (its latent size is unknown)")
+        n_garment_tokens = state.features.shape[1]
+        key = (n_query, n_garment_tokens, self._latent_hw if has_regions else None, device, dtype)
+        if key not in self._biases:
+            grid = token_grid(n_query, self._latent_hw) if has_regions else (1, 1)
+            offsets = [math.log(self.strength * self.weights[i]) for i in self._kept] if joint else None
+            regions = [self.regions[i] for i in self._kept]
+            bias, valid = garment_bias(
+                regions, grid, n_garment_tokens // len(self._kept), offsets, with_own_tokens=joint
+            )
+            self._biases[key] = (bias.to(device, dtype), valid.to(device, dtype) if has_regions and not joint else None)
+        return self._biases[key]
+
+    def _record_latent_hw(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs.get("x")
+        if isinstance(x, Tensor) and x.ndim == 4:
+            self._latent_hw = (x.shape[-2], x.shape[-1])
+
+    def _rows(self, batch: int, device: torch.device) -> Tensor:
+        if self.cond_rows is None:
+            return torch.arange(batch, device=device)
+        rows = sorted(set(int(r) for r in self.cond_rows))
+        if rows and not 0 <= rows[0] <= rows[-1] < batch:
+            raise IndexError(f"conditional rows {rows} outside a batch of {batch}")
+        return torch.tensor(rows, dtype=torch.long, device=device)
+
+    def _make_forward(self, state: _LayerState):
+        def make(inner):
+            def forward(x: Tensor, context: Tensor | None = None, *args: Any, **kwargs: Any) -> Tensor:
+                rows = self._rows(x.shape[0], x.device)
+                if not self.active or not self._kept or self.strength == 0 or rows.numel() == 0:
+                    return inner(x, context, *args, **kwargs)
+                if self.projections is None:
+                    return self._joint(state, inner, x, context, rows, args, kwargs)
+                out = inner(x, context, *args, **kwargs)
+                da = self._garment_term(state, x.index_select(0, rows))
+                return out.index_add(0, rows, da.to(out.dtype))
+
+            return forward
+
+        return make
+
+    def _kv(self, state: _LayerState) -> tuple[Tensor, Tensor]:
+        return (state.k, state.v) if state.k is not None else self._garment_kv(state)
+
+    def _garment_term(self, state: _LayerState, x: Tensor) -> Tensor:
+        """lambda * softmax(Q K'^T / sqrt(d)) V' W_o^T for the conditional rows x: (R, T, C)."""
+        attn = state.layer.attn
+        q = _split_heads(attn.to_q(x), attn.heads)
+        k, v = self._kv(state)
+        bias, valid = self._bias(state, x.shape[1], x.device, q.dtype)
+        out = _merge_heads(self._attend(state, q, k.to(q.dtype), v.to(q.dtype), bias, garment_start=0, valid=valid))
+        if valid is not None:
+            out = out * valid
+        return F.linear(out, attn.to_out[0].weight) * self.strength
+
+    def _joint(self, state, inner, x, context, rows, args, kwargs) -> Tensor:
+        """Frozen self-attention over [own tokens; garment tokens] for the conditional rows."""
+        attn = state.layer.attn
+        xr = x.index_select(0, rows)
+        ctx = xr if context is None else context.index_select(0, rows)
+        q = _split_heads(attn.to_q(xr), attn.heads)
+        k_own = _split_heads(attn.to_k(ctx), attn.heads)
+        v_own = _split_heads(attn.to_v(ctx), attn.heads)
+        k, v = self._kv(state)
+        r = xr.shape[0]
+        k = torch.cat([k_own, k.to(q.dtype).expand(r, -1, -1, -1)], dim=2)
+        v = torch.cat([v_own, v.to(q.dtype).expand(r, -1, -1, -1)], dim=2)
+        g_bias, _ = self._bias(state, xr.shape[1], x.device, q.dtype)
+        bias = torch.cat([g_bias.new_zeros(g_bias.shape[0], k_own.shape[2]), g_bias], dim=1)
+        cond = attn.to_out(_merge_heads(self._attend(state, q, k, v, bias, garment_start=k_own.shape[2])))
+        if rows.numel() == x.shape[0]:
+            return cond
+        others = torch.tensor([i for i in range(x.shape[0]) if i not in set(rows.tolist())], device=x.device)
+        other_ctx = None if context is None else context.index_select(0, others)
+        rest = inner(x.index_select(0, others), other_ctx, *args, **kwargs)
+        out = torch.empty((x.shape[0], *cond.shape[1:]), dtype=cond.dtype, device=cond.device)
+        return out.index_copy(0, rows, cond).index_copy(0, others, rest.to(cond.dtype))
+
+    def _attend(
+        self,
+        state,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        bias: Tensor | None,
+        garment_start: int,
+        valid: Tensor | None = None,
+    ) -> Tensor:
+        if not self.record_attention_mass:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        scores = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5)
+        probs = (scores if bias is None else scores + bias).softmax(dim=-1)
+        garment = probs[..., garment_start:]
+        n = len(self._kept)
+        # A_k: attention mass each query puts on garment k's tokens, averaged over heads -> (R, T, N)
+        mass = garment.unflatten(-1, (n, -1)).sum(-1).mean(1)
+        self.attention_mass[state.layer.name] = mass if valid is None else mass * valid
+        return probs @ v
+
+
+def remove_dressing(unet: nn.Module) -> bool:
+    """Remove whatever Dresser is installed on `unet` (e.g. one left by a generation that raised)."""
+    dresser = unet.__dict__.get(_MARKER)
+    if dresser is None:
+        return False
+    dresser.remove()
+    return True
+
+
+def _split_heads(t: Tensor, heads: int) -> Tensor:
+    return t.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def _merge_heads(t: Tensor) -> Tensor:
+    return t.transpose(1, 2).flatten(-2)

@@ -1,0 +1,210 @@
+"""GarmentsNet: runs all garments through a UNet once, at timestep 0, and keeps per-layer features.
+
+The UNet is either the running model itself (training-free: shared, nothing copied) or a separate
+network loaded from a checkpoint. Extraction patches the network only for the duration of one
+forward and restores it in `finally`, so a shared UNet is left exactly as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from .forward_patch import ForwardPatch
+from .gfe_lora import PROJECTIONS, GarmentLoRA
+from .unet_layers import self_attention_layers
+
+TapPoint = Literal["attn_output", "attn_input"]
+CrossAttentionMode = Literal["skip", "empty_prompt"]
+
+
+@dataclass
+class GarmentFeatures:
+    """Per-layer garment tokens, (N, T_layer, C), in the target UNet's dtype and device."""
+
+    per_layer: dict[str, Tensor]
+    n_garments: int
+    latent_hw: tuple[int, int]
+
+    def concatenated(self, layer: str) -> Tensor:
+        """F_all = concat(F_1 ... F_N) along the token axis, as (1, N * T, C)."""
+        f = self.per_layer[layer]
+        return f.reshape(1, -1, f.shape[-1])
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.per_layer)
+
+
+class _StopExtraction(Exception):
+    """Raised after the last tapped layer: the rest of the UNet is not needed."""
+
+
+def skip_cross_attention(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+    """Stands in for attn2 when GarmentsNet has no cross-attention: `x + attn2(...)` becomes `x`."""
+    return torch.zeros_like(x)
+
+
+class _NoCrossAttention(nn.Module):
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return skip_cross_attention(x)
+
+
+class GarmentsNet(nn.Module):
+    """A UNet (own or shared) plus optional per-slot LoRAs, tapped at every self-attention layer."""
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        *,
+        lora: GarmentLoRA | None = None,
+        tap: TapPoint = "attn_output",
+        cross_attention: CrossAttentionMode = "skip",
+        shared: bool = False,
+    ) -> None:
+        super().__init__()
+        if shared:
+            self.__dict__["unet"] = unet  # not a submodule: the user's model must not be moved/saved with us
+        else:
+            self.unet = unet
+        self.lora = lora
+        self.tap = tap
+        self.cross_attention = cross_attention
+        self.shared = shared
+        self.layers = self_attention_layers(unet)
+        if not self.layers:
+            raise ValueError("this UNet has no self-attention transformer blocks (input/middle/output_blocks)")
+        if lora is not None:
+            missing = [layer.name for layer in self.layers if layer.name not in lora.layer_names]
+            if missing:
+                raise ValueError(f"GFE LoRA has no weights for layers {missing[:3]}...")
+
+    @classmethod
+    def from_state_dict(cls, template: nn.Module, state_dict: dict[str, Tensor], **kwargs: Any) -> GarmentsNet:
+        """A separate GarmentsNet with `template`'s structure and `state_dict`'s weights.
+
+        The structure is copied onto the meta device first, so building it never holds a second full
+        set of weights; instance-level forward overrides (other extensions' hooks) are not copied.
+        """
+        unet = _structure_copy(template)
+        if kwargs.get("cross_attention", "skip") == "skip":
+            for layer in self_attention_layers(unet):
+                layer.block.attn2 = _NoCrossAttention()
+        expected = set(unet.state_dict())
+        missing = sorted(expected - set(state_dict))
+        unexpected = sorted(set(state_dict) - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"GarmentsNet weights do not fit this UNet: {len(missing)} missing (e.g. {missing[:2]}), "
+                f"{len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+            )
+        unet.load_state_dict(state_dict, strict=True, assign=True)
+        return cls(unet, **kwargs)
+
+    def extract(
+        self,
+        latents: Tensor,
+        *,
+        slots: Sequence[int] | None = None,
+        context: Tensor | None = None,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> GarmentFeatures:
+        """One batched forward of all N garment latents (N, 4, h, w) at timestep 0.
+
+        slots[i] picks the LoRA of garment i (default: garment i uses slot i). `context` is the
+        empty-prompt embedding (1 or N rows) for checkpoints that keep cross-attention.
+        Runs under the caller's grad mode, so training can backpropagate through it.
+        """
+        n = latents.shape[0]
+        if n == 0:
+            raise ValueError("no garments to extract")
+        slot_ids = list(range(n)) if slots is None else list(slots)
+        if len(slot_ids) != n:
+            raise ValueError(f"{n} garments but {len(slot_ids)} slot indices")
+        if self.lora is not None and not all(0 <= s < self.lora.n_slots for s in slot_ids):
+            raise ValueError(f"slot indices {slot_ids} out of range for {self.lora.n_slots} GFE slots")
+        if self.cross_attention == "empty_prompt":
+            if context is None:
+                raise ValueError("this GarmentsNet needs the empty-prompt embedding as context")
+            context = context.expand(n, -1, -1)
+        else:
+            context = None
+        param = next(self.unet.parameters())
+        x = latents.to(param.device, param.dtype)
+        timesteps = torch.zeros(n, device=param.device, dtype=param.dtype)
+        slot_t = torch.tensor(slot_ids, device=param.device)
+
+        captured: dict[str, Tensor] = {}
+        patches = self._patches(captured, slot_t)
+        try:
+            type(self.unet).forward(self.unet, x, timesteps=timesteps, context=context)
+        except _StopExtraction:
+            pass
+        finally:
+            for patch in reversed(patches):
+                patch.restore()
+        out_dtype = dtype or param.dtype
+        per_layer = {name: f.to(device=device or param.device, dtype=out_dtype) for name, f in captured.items()}
+        return GarmentFeatures(per_layer, n, (latents.shape[-2], latents.shape[-1]))
+
+    def _patches(self, captured: dict[str, Tensor], slots: Tensor) -> list[ForwardPatch]:
+        patches: list[ForwardPatch] = []
+        last = self.layers[-1].name
+        for layer in self.layers:
+            if self.lora is not None:
+                loras = self.lora.for_layer(layer.name)
+                for p in PROJECTIONS:
+                    linear = getattr(layer.attn, f"to_{p}")
+                    patches.append(ForwardPatch(linear, _with_lora(loras[p], slots)))
+            if self.cross_attention == "skip" and not isinstance(layer.block.attn2, _NoCrossAttention):
+                patches.append(ForwardPatch(layer.block.attn2, lambda inner: skip_cross_attention))
+            patches.append(ForwardPatch(layer.attn, _tap(layer.name, self.tap, captured, stop=layer.name == last)))
+        return patches
+
+
+def _with_lora(lora: nn.Module, slots: Tensor):
+    def make(inner):
+        def forward(x: Tensor) -> Tensor:
+            return inner(x) + lora.delta(x, slots)
+
+        return forward
+
+    return make
+
+
+def _tap(name: str, tap: TapPoint, captured: dict[str, Tensor], *, stop: bool):
+    def make(inner):
+        def forward(x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+            if tap == "attn_input":
+                captured[name] = x
+                if stop:
+                    raise _StopExtraction
+                return inner(x, *args, **kwargs)
+            out = inner(x, *args, **kwargs)
+            captured[name] = out
+            if stop:
+                raise _StopExtraction
+            return out
+
+        return forward
+
+    return make
+
+
+def _structure_copy(template: nn.Module) -> nn.Module:
+    memo: dict[int, Any] = {}
+    for t in itertools.chain(template.parameters(), template.buffers()):
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=False) if isinstance(t, nn.Parameter) else meta
+    clone = copy.deepcopy(template, memo)
+    for module in clone.modules():
+        for attr in ("forward", "_forward"):
+            module.__dict__.pop(attr, None)
+    return clone

@@ -1,0 +1,35 @@
+"""Fixtures: real ldm UNets (from stable-diffusion-sdkit) with small seeded random weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lib_anydressing.engine.sd_unet import TINY_UNET, build_unet
+
+LATENT = (24, 16)  # target latent (h, w): a 128x192 portrait, like 512x768 scaled down
+GARMENT = (16, 16)
+
+
+@pytest.fixture
+def unet():
+    return build_unet(TINY_UNET)
+
+
+@pytest.fixture
+def inputs():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, *LATENT, generator=gen)
+    t = torch.tensor([700.0, 700.0])
+    context = torch.randn(2, 7, TINY_UNET["context_dim"], generator=gen)
+    return x, t, context
+
+
+@pytest.fixture
+def garments():
+    return torch.randn(2, 4, *GARMENT, generator=torch.Generator().manual_seed(2))
+
+
+def run(unet, x, t, context):
+    with torch.no_grad():
+        return unet(x, t, context=context)

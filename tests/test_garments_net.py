@@ -1,0 +1,132 @@
+"""GarmentsNet: one batched pass at t=0, per-slot LoRA routing, tap points, cross-attention modes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lib_anydressing.engine import GarmentLoRA, GarmentsNet, self_attention_layers
+
+
+def _lora(unet, n_slots=3, rank=2):
+    dims = {layer.name: (layer.dim, layer.inner_dim) for layer in self_attention_layers(unet)}
+    lora = GarmentLoRA(dims, n_slots, rank, alpha=rank).requires_grad_(False)
+    gen = torch.Generator().manual_seed(5)
+    for p in lora.parameters():
+        p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return lora
+
+
+def _capture_plain_inputs(unet, garments):
+    """attn1 inputs of a plain forward at t=0 with cross-attention silenced, via ordinary torch hooks."""
+    seen, handles = {}, []
+    for layer in self_attention_layers(unet):
+        handles.append(layer.attn.register_forward_pre_hook(lambda m, a, n=layer.name: seen.setdefault(n, a[0])))
+        handles.append(layer.block.attn2.register_forward_hook(lambda m, a, out: torch.zeros_like(out)))
+    with torch.no_grad():
+        unet(garments, torch.zeros(garments.shape[0]), context=torch.zeros(garments.shape[0], 1, 768))
+    for h in handles:
+        h.remove()
+    return seen
+
+
+def test_attn_input_tap_matches_plain_forward(unet, garments):
+    feats = GarmentsNet(unet, shared=True, tap="attn_input").extract(garments)
+    want = _capture_plain_inputs(unet, garments)
+    assert list(feats.per_layer) == [layer.name for layer in self_attention_layers(unet)]
+    for name, f in feats.per_layer.items():
+        torch.testing.assert_close(f, want[name], atol=1e-6, rtol=1e-6)
+
+
+def test_attn_output_tap_is_the_self_attention_result(unet, garments):
+    ins = GarmentsNet(unet, shared=True, tap="attn_input").extract(garments)
+    outs = GarmentsNet(unet, shared=True, tap="attn_output").extract(garments)
+    for layer in self_attention_layers(unet):
+        with torch.no_grad():
+            want = layer.attn(ins.per_layer[layer.name])
+        torch.testing.assert_close(outs.per_layer[layer.name], want, atol=1e-5, rtol=1e-5)
+
+
+def test_batched_extraction_equals_one_garment_at_a_time(unet, garments):
+    gnet = GarmentsNet(unet, shared=True, lora=_lora(unet))
+    both = gnet.extract(garments, slots=[0, 2])
+    first = gnet.extract(garments[:1], slots=[0])
+    second = gnet.extract(garments[1:], slots=[2])
+    for name in both.per_layer:
+        for got, want in (
+            (both.per_layer[name][0], first.per_layer[name][0]),
+            (both.per_layer[name][1], second.per_layer[name][0]),
+        ):
+            assert (got - want).norm() <= 1e-4 * want.norm()  # batched GEMMs round differently, nothing more
+
+
+def test_one_unet_call_for_all_garments(unet, garments):
+    calls = []
+    handle = unet.time_embed.register_forward_hook(lambda *a: calls.append(1))
+    GarmentsNet(unet, shared=True).extract(torch.cat([garments, garments]))
+    handle.remove()
+    assert len(calls) == 1
+
+
+def test_changing_slot_two_lora_changes_only_garment_two(unet, garments):
+    lora = _lora(unet)
+    gnet = GarmentsNet(unet, shared=True, lora=lora)
+    before = gnet.extract(garments, slots=[0, 1])
+    with torch.no_grad():
+        for name in lora.layer_names:
+            for slot_lora in lora.for_layer(name).values():
+                slot_lora.up[1] += 0.3
+                slot_lora.down[2] += 0.3  # a slot nobody uses: changes nothing
+    after = gnet.extract(garments, slots=[0, 1])
+    for name in before.per_layer:
+        assert torch.equal(after.per_layer[name][0], before.per_layer[name][0])
+        assert (after.per_layer[name][1] - before.per_layer[name][1]).abs().max() > 1e-4
+
+
+def test_extraction_leaves_shared_unet_untouched(unet, inputs, garments):
+    x, t, ctx = inputs
+    with torch.no_grad():
+        plain = unet(x, t, context=ctx)
+    GarmentsNet(unet, shared=True, lora=_lora(unet)).extract(garments)
+    with torch.no_grad():
+        assert torch.equal(unet(x, t, context=ctx), plain)
+    assert not any("forward" in m.__dict__ for m in unet.modules())
+
+
+def test_cross_attention_modes(unet, garments):
+    skip = GarmentsNet(unet, shared=True, cross_attention="skip")
+    ctx_a, ctx_b = torch.randn(1, 7, 768), torch.randn(1, 7, 768)
+    a = skip.extract(garments, context=ctx_a)
+    b = skip.extract(garments, context=ctx_b)
+    assert all(torch.equal(a.per_layer[n], b.per_layer[n]) for n in a.per_layer)
+    empty = GarmentsNet(unet, shared=True, cross_attention="empty_prompt")
+    with pytest.raises(ValueError, match="empty-prompt"):
+        empty.extract(garments)
+    c = empty.extract(garments, context=ctx_a)
+    d = empty.extract(garments, context=ctx_b)
+    last = list(c.per_layer)[-1]
+    assert (c.per_layer[last] - d.per_layer[last]).abs().max() > 1e-4
+
+
+def test_separate_garments_net_from_state_dict(unet, garments):
+    """A GarmentsNet loaded from weights equal to the UNet's gives the shared net's features."""
+    weights = {k: v.clone() for k, v in unet.state_dict().items() if ".attn2." not in k}
+    attn = self_attention_layers(unet)[0].attn
+    attn.forward = lambda *a, **k: (_ for _ in ()).throw(AssertionError("another extension's hook was copied"))
+    own = GarmentsNet.from_state_dict(unet, weights)
+    del attn.forward
+    shared = GarmentsNet(unet, shared=True)
+    assert own.unet is not unet
+    f_own, f_shared = own.extract(garments), shared.extract(garments)
+    for name in f_own.per_layer:
+        torch.testing.assert_close(f_own.per_layer[name], f_shared.per_layer[name], atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="missing"):
+        GarmentsNet.from_state_dict(unet, {k: v for k, v in list(weights.items())[1:]})
+
+
+def test_bad_slot_indices(unet, garments):
+    gnet = GarmentsNet(unet, shared=True, lora=_lora(unet, n_slots=2))
+    with pytest.raises(ValueError, match="out of range"):
+        gnet.extract(garments, slots=[0, 2])
+    with pytest.raises(ValueError, match="slot indices"):
+        gnet.extract(garments, slots=[0])
