@@ -1,0 +1,26 @@
+"""Command line: `python -m lib_anydressing {demo,bench} ...`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import bench, demo
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lib_anydressing", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, module, text in (
+        ("demo", demo, "dress a generated image in the two garments of tests/data, end to end"),
+        ("bench", bench, "cost of dressing against the plain UNet (ratios; memory on CUDA)"),
+    ):
+        sub = commands.add_parser(name, help=text, description=module.__doc__)
+        module.add_arguments(sub)
+        sub.set_defaults(run=module.main)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""Garment images of any PIL mode and size -> RGB tensors and masks the engine can use."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import Tensor
+
+MAX_PIXELS = 64_000_000  # refuse decompression bombs rather than exhausting memory
+
+
+class ImageInputError(ValueError):
+    """An image the extension cannot use, with a message meant for the user."""
+
+
+def to_rgb_and_mask(image: Image.Image) -> tuple[Image.Image, Image.Image | None]:
+    """RGB on white, plus the alpha channel as a mask when the image has a non-trivial one.
+
+    Handles every mode a user can upload: RGBA/LA/P-with-transparency (alpha -> mask), CMYK, 16-bit
+    and 32-bit grayscale (I;16, I, F: rescaled to 8-bit), 1-bit and plain L.
+    """
+    if image.width < 1 or image.height < 1:
+        raise ImageInputError("the image is empty")
+    if image.width * image.height > MAX_PIXELS:
+        raise ImageInputError(f"the image is {image.width}x{image.height}: larger than {MAX_PIXELS // 1_000_000} MP")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(image, dtype=np.float64)
+        span = a.max() - a.min()
+        a = (a - a.min()) / span * 255 if span > 0 else np.zeros_like(a)
+        image = Image.fromarray(a.astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    mask = None
+    if image.mode in ("RGBA", "LA", "PA"):
+        alpha = image.getchannel("A")
+        if alpha.getextrema() != (255, 255):
+            mask = alpha
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image.convert("RGBA"))
+    return image.convert("RGB"), mask
+
+
+def fit(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Scale to fit (width, height) keeping the aspect ratio; RGB is padded white (the garment backdrop),
+    masks with 0 (outside the garment)."""
+    fill = (255, 255, 255) if image.mode == "RGB" else 0
+    return ImageOps.pad(image, size, method=Image.Resampling.LANCZOS, color=fill)
+
+
+def garment_tensor(image: Image.Image, size: tuple[int, int]) -> tuple[Tensor, Tensor | None]:
+    """(3, H, W) in [-1, 1] and an optional (H, W) mask in [0, 1], at `size` = (width, height)."""
+    rgb, mask = to_rgb_and_mask(image)
+    rgb = fit(rgb, size)
+    x = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    if mask is None:
+        return x, None
+    m = fit(mask, size)
+    return x, torch.from_numpy(np.asarray(m, dtype=np.float32) / 255.0)
+
+
+def tensor_to_image(x: Tensor) -> Image.Image:
+    """(3, H, W) in [-1, 1] -> RGB image."""
+    a = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(a, "RGB")

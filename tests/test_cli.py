@@ -1,0 +1,60 @@
+"""The README's commands: demo (main job on the built-in default) and bench, run small."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from PIL import Image
+
+from lib_anydressing.__main__ import main
+from lib_anydressing.engine import Dresser, DressingProjections, GarmentsNet
+
+SMALL = ["--model-channels", "32", "--steps", "2", "--size", "64", "128", "--garment-size", "64", "64"]
+
+
+def test_demo_writes_grid_and_restores_model(tmp_path, capsys):
+    out = tmp_path / "demo.png"
+    assert main(["demo", *SMALL, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "UNet restored bit-identically: yes" in printed
+    grid = Image.open(out)
+    assert grid.height == 128 and grid.width > 2 * 64  # garments | plain | dressed | difference
+
+
+def test_demo_reports_bad_inputs(tmp_path, capsys):
+    assert main(["demo", *SMALL, "--garment", str(tmp_path / "missing.png")]) == 2
+    assert "missing.png" in capsys.readouterr().out
+    not_a_model = tmp_path / "x.safetensors"
+    not_a_model.write_bytes(b"garbage")
+    assert main(["demo", *SMALL, "--model", str(not_a_model)]) == 2
+    assert "not a readable safetensors file" in capsys.readouterr().out
+
+
+def test_bench_reports_every_figure(capsys):
+    args = ["bench", "--json", "--model-channels", "32", "--repeats", "1", "--latent", "16", "8"]
+    assert main([*args, "--garment-latent", "8", "8"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("step_ratio", "peer_step_ratio", "extract_ratio", "training_free_step_ratio"):
+        assert isinstance(result[key], float) and result[key] > 0
+    assert result["n_garments"] == 2 and result["latent_hw"] == [16, 8] and result["garment_latent_hw"] == [8, 8]
+    assert result["device"] == "cpu" and result["dtype"] == "float32"
+
+
+def test_garment_kv_computed_once_per_generation(unet, inputs, garments):
+    """K'/V' depend only on the garments: projected at install, never per step (peers do it per step)."""
+    proj = DressingProjections.from_unet(unet).requires_grad_(False)
+    calls = []
+    for module in proj.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(lambda *a: calls.append(1))
+    feats = GarmentsNet(unet, shared=True).extract(garments)
+    n_layers = len(feats.per_layer)
+    for recompute, per_step in ((False, 0), (True, 2 * n_layers)):
+        calls.clear()
+        with torch.no_grad(), Dresser(unet, feats, proj, recompute_kv=recompute):
+            installed = len(calls)
+            for _ in range(3):
+                unet(*inputs[:2], context=inputs[2])
+        assert installed == (0 if recompute else 2 * n_layers)
+        assert len(calls) - installed == 3 * per_step
