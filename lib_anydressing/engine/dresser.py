@@ -77,12 +77,7 @@ class Dresser:
         self._latent_hw: tuple[int, int] | None = None
         self._patches: list[ForwardPatch] = []
         self._hook: Any = None
-        self._states: list[_LayerState] = []
         self._biases: dict[tuple, tuple[Tensor, Tensor | None]] = {}
-
-    @property
-    def mode(self) -> str:
-        return "joint" if self.projections is None else "additive"
 
     @property
     def installed(self) -> bool:
@@ -101,9 +96,7 @@ class Dresser:
                 raise ValueError(f"Dressing-Attention projections lack layers {absent[:3]}")
         try:
             for layer in layers:
-                state = self._layer_state(layer)
-                self._states.append(state)
-                self._patches.append(ForwardPatch(layer.attn, self._make_forward(state)))
+                self._patches.append(ForwardPatch(layer.attn, self._make_forward(self._layer_state(layer))))
             self._hook = self.unet.register_forward_pre_hook(self._record_latent_hw, with_kwargs=True)
             self.unet.__dict__[_MARKER] = self
         except BaseException:
@@ -116,7 +109,6 @@ class Dresser:
         for patch in reversed(self._patches):
             patch.restore()
         self._patches.clear()
-        self._states.clear()
         self._biases.clear()
         if self._hook is not None:
             self._hook.remove()

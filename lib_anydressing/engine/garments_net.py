@@ -32,15 +32,6 @@ class GarmentFeatures:
     n_garments: int
     latent_hw: tuple[int, int]
 
-    def concatenated(self, layer: str) -> Tensor:
-        """F_all = concat(F_1 ... F_N) along the token axis, as (1, N * T, C)."""
-        f = self.per_layer[layer]
-        return f.reshape(1, -1, f.shape[-1])
-
-    @property
-    def layer_names(self) -> list[str]:
-        return list(self.per_layer)
-
 
 class _StopExtraction(Exception):
     """Raised after the last tapped layer: the rest of the UNet is not needed."""
