@@ -1,4 +1,4 @@
-"""Command line: `python -m lib_anydressing {demo,bench} ...`."""
+"""Command line: `python -m lib_anydressing {demo,bench,convert} ...`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from . import bench, demo
+from .convert import cli as convert
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,6 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, module, text in (
         ("demo", demo, "dress a generated image in the two garments of tests/data, end to end"),
         ("bench", bench, "cost of dressing against the plain UNet (ratios; memory on CUDA)"),
+        ("convert", convert, "convert a MagicClothing or IMAGDressing checkpoint to this extension's format"),
     ):
         sub = commands.add_parser(name, help=text, description=module.__doc__)
         module.add_arguments(sub)

@@ -22,7 +22,7 @@ from .engine import AnyDressingModel, CheckpointError, Dresser, load_checkpoint
 from .engine.sd_unet import SD15_UNET, build_unet, reinitialise
 from .images import ImageInputError, garment_tensor, tensor_to_image
 from .model_files import model_dirs, resolve_model
-from .sampling import ddim_sample
+from .sampling import ddim_sample, guidance_layout
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 DEFAULT_GARMENTS = [DATA / "garment_top.png", DATA / "garment_trousers.png"]
@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--garment-size", type=int, nargs=2, default=(256, 192), metavar=("W", "H"))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=6.0)
+    parser.add_argument(
+        "--garment-guidance", type=float, default=None, help="a separate garment scale (MagicClothing's 3-way guidance)"
+    )
     parser.add_argument("--strength", type=float, default=None, help="lambda (default: the model's)")
     parser.add_argument("--no-regions", action="store_true", help="let every garment act on the whole image")
     parser.add_argument("--model-channels", type=int, default=64, help="UNet width of the random model (SD1.5: 320)")
@@ -79,29 +82,31 @@ def main(args: argparse.Namespace) -> int:
     reinitialise(decoder, seed=args.seed + 2)
     w, h = args.size
     lat_h, lat_w = h // 8, w // 8
-    context = torch.zeros(2, 77, SD15_UNET["context_dim"])  # no text encoder here: an empty condition
+    copies, cond_rows = guidance_layout(1, args.garment_guidance)
+    context = torch.zeros(copies, 77, SD15_UNET["context_dim"])  # no text encoder here: an empty condition
     noise = torch.randn(1, 4, lat_h, lat_w, generator=torch.Generator().manual_seed(args.seed))
 
     def eps(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return unet(x, t, context=context)
 
     with torch.no_grad():
-        probe = unet(torch.cat([noise, noise]), torch.full((2,), 500.0), context=context)
+        probe = unet(torch.cat([noise] * copies), torch.full((copies,), 500.0), context=context)
         latents = encoder(torch.stack(garments))[:, :4] * LATENT_SCALE
         start = time.perf_counter()
         features = model.garments_net(unet).extract(latents)
         extract_s = time.perf_counter() - start
         start = time.perf_counter()
-        plain = ddim_sample(eps, noise, steps=args.steps, guidance=args.guidance)
+        guide = {"steps": args.steps, "guidance": args.guidance, "garment_guidance": args.garment_guidance}
+        plain = ddim_sample(eps, noise, **guide)
         plain_s = (time.perf_counter() - start) / args.steps
         regions = None if args.no_regions else _halves(len(garments), lat_h, lat_w)
         strength = model.info.default_strength if args.strength is None else args.strength
         start = time.perf_counter()
         with Dresser(unet, features, model.projections, strength=strength, regions=regions) as dresser:
-            dresser.cond_rows = [0]  # rows are [conditional, unconditional]: eq. 16
-            dressed = ddim_sample(eps, noise, steps=args.steps, guidance=args.guidance)
+            dresser.cond_rows = cond_rows  # the unconditional row never sees the garments: eq. 16
+            dressed = ddim_sample(eps, noise, **guide)
         dressed_s = (time.perf_counter() - start) / args.steps
-        restored = torch.equal(unet(torch.cat([noise, noise]), torch.full((2,), 500.0), context=context), probe)
+        restored = torch.equal(unet(torch.cat([noise] * copies), torch.full((copies,), 500.0), context=context), probe)
         pictures = decoder(torch.cat([plain, dressed]) / LATENT_SCALE)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     _grid([tensor_to_image(g) for g in garments], tensor_to_image(pictures[0]), tensor_to_image(pictures[1])).save(

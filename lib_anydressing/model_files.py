@@ -9,6 +9,7 @@ from pathlib import Path
 EXTENSION_MODELS = Path(__file__).resolve().parent.parent / "models" / "anydressing"
 TRAINING_FREE = "training-free (no weights)"
 ENV_DIR = "ANYDRESSING_MODELS_DIR"
+PEER_FILES = {"garment_extractor.safetensors"}  # MagicClothing's raw extractor: converted, not listed
 
 
 def model_dirs(extra: Iterable[str | Path | None] = ()) -> list[Path]:
@@ -27,7 +28,8 @@ def list_models(dirs: Iterable[Path]) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for d in dirs:
         for path in sorted(d.glob("*.safetensors")):
-            found.setdefault(path.stem, path)
+            if path.name not in PEER_FILES:
+                found.setdefault(path.stem, path)
     return found
 
 

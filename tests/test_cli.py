@@ -58,3 +58,19 @@ def test_garment_kv_computed_once_per_generation(unet, inputs, garments):
                 unet(*inputs[:2], context=inputs[2])
         assert installed == (0 if recompute else 2 * n_layers)
         assert len(calls) - installed == 3 * per_step
+
+
+def test_demo_with_magicclothing_style_garment_guidance(tmp_path, capsys):
+    assert main(["demo", *SMALL, "--garment-guidance", "2.5", "--out", str(tmp_path / "d.png")]) == 0
+    assert "UNet restored bit-identically: yes" in capsys.readouterr().out
+
+
+def test_guidance_formulas():
+    from lib_anydressing.sampling import combine_guidance, guidance_layout
+
+    text, garments, uncond = torch.tensor([3.0]), torch.tensor([2.0]), torch.tensor([0.5])
+    # PAPER.md eq. 16 and MagicClothing's OmsDiffusionPipeline, written out here
+    assert combine_guidance(torch.cat([text, uncond]), 6.0) == 6.0 * 3.0 + (1 - 6.0) * 0.5
+    assert combine_guidance(torch.cat([text, garments, uncond]), 5.0, 2.5) == 0.5 + 5.0 * (3 - 2) + 2.5 * (2 - 0.5)
+    assert guidance_layout(2, None) == (2, [0, 1])
+    assert guidance_layout(2, 2.5) == (3, [0, 1, 2, 3])

@@ -3,6 +3,7 @@
 Tensors:   garments_net.<ldm UNet key>            GarmentsNet weights (absent: reuses the base UNet)
            gfe.<layer>.<q|k|v>.down / .up         per-slot GFE LoRA, (slots, rank, in) / (slots, out, rank)
            da.<layer>.to_k / .to_v                Dressing-Attention projections W'_k, W'_v, (out, in)
+           resampler.*                            image-prompt Resampler feeding GarmentsNet's cross-attention
 Metadata:  anydressing.* strings (format version, base architecture, slots, LoRA rank/alpha, tap point,
            cross-attention mode, default strength, origin, license, recommended settings).
 """
@@ -44,6 +45,7 @@ class ModelInfo:
     tap: TapPoint = "attn_output"
     cross_attention: CrossAttentionMode = "skip"
     default_strength: float = 0.7
+    garments_net_partial: bool = False  # garments_net.* holds only some keys; the rest are the base UNet's
     origin: str = "anydressing"
     license: str = ""
     recommended: dict[str, Any] = field(default_factory=dict)
@@ -77,6 +79,7 @@ class AnyDressingModel:
     projections: DressingProjections | None = None
     lora: GarmentLoRA | None = None
     garments_net_weights: dict[str, Tensor] | None = None  # None: GarmentsNet is the running UNet
+    resampler_weights: dict[str, Tensor] | None = None  # IMAGDressing's image-prompt Resampler, kept as is
 
     @classmethod
     def training_free(cls) -> AnyDressingModel:
@@ -108,7 +111,9 @@ class AnyDressingModel:
         if self.garments_net_weights is None:
             return GarmentsNet(unet, shared=True, **kwargs)
         try:
-            return GarmentsNet.from_state_dict(unet, self.garments_net_weights, **kwargs)
+            return GarmentsNet.from_state_dict(
+                unet, self.garments_net_weights, partial=self.info.garments_net_partial, **kwargs
+            )
         except ValueError as e:
             raise CheckpointError(str(e)) from e
 
@@ -116,6 +121,8 @@ class AnyDressingModel:
         tensors: dict[str, Tensor] = {}
         for key, t in (self.garments_net_weights or {}).items():
             tensors[f"garments_net.{key}"] = t
+        for key, t in (self.resampler_weights or {}).items():
+            tensors[f"resampler.{key}"] = t
         if self.lora is not None:
             for layer in self.lora.layer_names:
                 for p, slot_lora in self.lora.for_layer(layer).items():
@@ -155,13 +162,15 @@ def load_checkpoint(path: str | Path) -> AnyDressingModel:
 
 
 def _assemble(info: ModelInfo, tensors: dict[str, Tensor]) -> AnyDressingModel:
-    groups: dict[str, dict[str, Tensor]] = {"garments_net": {}, "gfe": {}, "da": {}}
+    groups: dict[str, dict[str, Tensor]] = {"garments_net": {}, "gfe": {}, "da": {}, "resampler": {}}
     for key, t in tensors.items():
         group, _, rest = key.partition(".")
         if group not in groups:
             raise ValueError(f"unknown tensor '{key}'")
         groups[group][rest] = t
-    model = AnyDressingModel(info, garments_net_weights=groups["garments_net"] or None)
+    model = AnyDressingModel(
+        info, garments_net_weights=groups["garments_net"] or None, resampler_weights=groups["resampler"] or None
+    )
     if groups["da"]:
         layers = sorted({k.rsplit(".", 1)[0] for k in groups["da"]}, key=_layer_order)
         dims = {n: (groups["da"][f"{n}.to_k"].shape[1], groups["da"][f"{n}.to_k"].shape[0]) for n in layers}

@@ -77,17 +77,24 @@ class GarmentsNet(nn.Module):
                 raise ValueError(f"GFE LoRA has no weights for layers {missing[:3]}...")
 
     @classmethod
-    def from_state_dict(cls, template: nn.Module, state_dict: dict[str, Tensor], **kwargs: Any) -> GarmentsNet:
+    def from_state_dict(
+        cls, template: nn.Module, state_dict: dict[str, Tensor], *, partial: bool = False, **kwargs: Any
+    ) -> GarmentsNet:
         """A separate GarmentsNet with `template`'s structure and `state_dict`'s weights.
 
         The structure is copied onto the meta device first, so building it never holds a second full
         set of weights; instance-level forward overrides (other extensions' hooks) are not copied.
+        `partial`: keys the weights lack are the template's own tensors, shared, not copied
+        (MagicClothing's extractor is loaded that way over the base UNet).
         """
         unet = _structure_copy(template)
         if kwargs.get("cross_attention", "skip") == "skip":
             for layer in self_attention_layers(unet):
                 layer.block.attn2 = _NoCrossAttention()
         expected = set(unet.state_dict())
+        if partial:
+            base = template.state_dict()
+            state_dict = {**{k: base[k] for k in expected - set(state_dict)}, **state_dict}
         missing = sorted(expected - set(state_dict))
         unexpected = sorted(set(state_dict) - expected)
         if missing or unexpected:
