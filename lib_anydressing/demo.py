@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageChops, ImageOps
 
 from .engine import AnyDressingModel, CheckpointError, Dresser, load_checkpoint
+from .engine.image_prompt import garment_context
 from .engine.sd_unet import SD15_UNET, build_unet, reinitialise
 from .images import ImageInputError, garment_tensor, tensor_to_image
 from .model_files import model_dirs, resolve_model
@@ -55,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--strength", type=float, default=None, help="lambda (default: the model's)")
     parser.add_argument("--no-regions", action="store_true", help="let every garment act on the whole image")
+    parser.add_argument(
+        "--image-encoder", type=Path, default=None, help="local CLIP-H image encoder folder, for IMAGDressing models"
+    )
     parser.add_argument("--model-channels", type=int, default=64, help="UNet width of the random model (SD1.5: 320)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("outputs/anydressing/demo.png"))
@@ -93,7 +97,9 @@ def main(args: argparse.Namespace) -> int:
         probe = unet(torch.cat([noise] * copies), torch.full((copies,), 500.0), context=context)
         latents = encoder(torch.stack(garments))[:, :4] * LATENT_SCALE
         start = time.perf_counter()
-        features = model.garments_net(unet).extract(latents)
+        empty_prompt = context[:1]  # no text encoder here: zeros stand in for the empty-prompt embedding
+        garment_ctx, note = garment_context(model, images, empty_prompt, args.image_encoder)
+        features = model.garments_net(unet).extract(latents, context=garment_ctx)
         extract_s = time.perf_counter() - start
         start = time.perf_counter()
         guide = {"steps": args.steps, "guidance": args.guidance, "garment_guidance": args.garment_guidance}
@@ -113,6 +119,10 @@ def main(args: argparse.Namespace) -> int:
         args.out
     )
     print(f"model: {model.info.origin}, {len(garments)} garments, {w}x{h}, {args.steps} DDIM steps")
+    if model.info.license:
+        print(f"license: {model.info.license}")
+    if note:
+        print(f"note: {note}")
     print(f"garment features (one batched pass): {extract_s * 1000:.0f} ms")
     print(f"plain step: {plain_s * 1000:.0f} ms, dressed step: {dressed_s * 1000:.0f} ms ({dressed_s / plain_s:.2f}x)")
     print(f"dressed differs from plain by {(dressed - plain).abs().mean():.4f} (mean |latent difference|)")

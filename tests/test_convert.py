@@ -73,7 +73,7 @@ def magicclothing_files(tmp_path):
     return folder, base, weights, ip
 
 
-def _resampler_weights(depth=2, dim=16, emb=24):
+def _resampler_weights(depth=2, dim=24, emb=24):
     """IMAGDressing's Resampler key names (shapes shrunk: the converter keeps these tensors as they are)."""
     w = {
         "latents": torch.randn(1, 4, dim),
@@ -281,3 +281,13 @@ def test_files_dropped_into_models_folder_are_converted_once(magicclothing_files
     assert len(messages) == 2 and all(m.startswith("converted") for m in messages)
     assert set(list_models([models])) == {"IMAGDressing-v1_512", "magicclothing-stable_ckpt"}
     assert convert_dropped(models) == []
+
+
+def test_demo_runs_a_converted_model(imagdressing_file, tmp_path, capsys):
+    """The converted file dresses an ldm UNet end to end (the demo's random UNet has the same layout)."""
+    out = tmp_path / "imag.safetensors"
+    convert_to_file("imagdressing", [imagdressing_file[0]], out)
+    args = ["demo", "--model", str(out), "--model-channels", "32", "--steps", "2", "--size", "64", "128"]
+    assert main([*args, "--garment-size", "64", "64", "--out", str(tmp_path / "d.png")]) == 0
+    printed = capsys.readouterr().out
+    assert "no image encoder is set" in printed and "UNet restored bit-identically: yes" in printed

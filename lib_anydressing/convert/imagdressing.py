@@ -45,6 +45,7 @@ def convert(paths: list[Path]) -> Conversion:
         tap="attn_input",
         cross_attention="empty_prompt",
         default_strength=1.0,
+        resampler_heads=12,  # IMAGDressing's Resampler: dim 768, 12 heads of 64
         origin="IMAGDressing-v1 (muzishen/IMAGDressing)",
         license=LICENSE,
         recommended={"guidance": 7.5, "width": 512, "height": 640, "strength": 1.0, "image_prompt": "CLIP-H"},

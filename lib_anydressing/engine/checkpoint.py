@@ -46,6 +46,7 @@ class ModelInfo:
     cross_attention: CrossAttentionMode = "skip"
     default_strength: float = 0.7
     garments_net_partial: bool = False  # garments_net.* holds only some keys; the rest are the base UNet's
+    resampler_heads: int = 0  # attention heads of resampler.* (not recoverable from its shapes)
     origin: str = "anydressing"
     license: str = ""
     recommended: dict[str, Any] = field(default_factory=dict)
