@@ -8,3 +8,8 @@ def preload(parser):
         default=None,
         help="extra folder searched for AnyDressing models (*.safetensors), after the extension's models/anydressing",
     )
+    parser.add_argument(
+        "--anydressing-lowvram",
+        action="store_true",
+        help="move a separate GarmentsNet off the GPU as soon as garment features are extracted",
+    )

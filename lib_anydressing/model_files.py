@@ -44,3 +44,27 @@ def resolve_model(name: str, dirs: Iterable[Path]) -> Path | None:
         known = ", ".join(sorted(models)) or "none"
         raise FileNotFoundError(f"no AnyDressing model '{name}' (found: {known}; put files in models/anydressing)")
     return models[name]
+
+
+def short_hash(path: Path) -> str:
+    """8 hex digits of sha256 over 64 KiB at offset 1 MiB: the WebUI's quick model hash, instant on any size."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        return hashlib.sha256(f.read(0x10000)).hexdigest()[:8]
+
+
+def describe_model(name: str, dirs: Iterable[Path]) -> tuple[float | None, str]:
+    """(default strength, one line on origin and license) for the model dropdown; never raises."""
+    from .engine.checkpoint import AnyDressingModel, CheckpointError, read_info
+
+    try:
+        path = resolve_model(name, dirs)
+        info = AnyDressingModel.training_free().info if path is None else read_info(path)
+    except (FileNotFoundError, CheckpointError) as e:
+        return None, f"⚠ {e}"
+    text = f"Model: {info.origin}"
+    if info.license:
+        text += f". License: {info.license}"
+    return info.default_strength, text

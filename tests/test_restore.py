@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_anydressing.engine import AnyDressingModel, Dresser, DressingProjections, GarmentsNet, remove_dressing
+from lib_anydressing.engine import (
+    AnyDressingModel,
+    Dresser,
+    DressingProjections,
+    GarmentsNet,
+    remove_dressing,
+    self_attention_layers,
+)
 
 from conftest import run
 
@@ -103,3 +110,13 @@ def test_training_free_extraction_shares_weights(unet, garments):
     gnet = AnyDressingModel.training_free().garments_net(unet)
     assert gnet.unet is unet
     assert not list(gnet.parameters()), "the user's UNet must not become a submodule (no copy, no move)"
+
+
+def test_call_on_another_batch_size_sees_no_garments(unet, garments):
+    """ControlNet's reference-only runs attn1 on a sub-batch: no wrong rows, no IndexError."""
+    layer = self_attention_layers(unet)[0]
+    tokens = torch.randn(1, 16, layer.dim)
+    with torch.no_grad(), Dresser(unet, _features(unet, garments), DressingProjections.from_unet(unet)) as dresser:
+        dresser.cond_rows, dresser.cond_batch = [1], 2
+        sub_batch = layer.attn(tokens)
+    assert torch.equal(sub_batch, layer.attn(tokens))

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -141,6 +141,17 @@ def save_checkpoint(model: AnyDressingModel, path: str | Path) -> None:
     save_file(model.state_dict_for_file(), str(path), metadata=model.info.to_metadata())
 
 
+def read_info(path: str | Path) -> ModelInfo:
+    """A checkpoint's metadata alone (its header): cheap enough for a dropdown's change event."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"'{path.name}' is not a readable safetensors file: {e}") from e
+    return ModelInfo.from_metadata(meta, f"'{path.name}'")
+
+
 def load_checkpoint(path: str | Path) -> AnyDressingModel:
     """Read and validate a checkpoint; every problem becomes a CheckpointError naming the file."""
     path = Path(path)
@@ -148,8 +159,6 @@ def load_checkpoint(path: str | Path) -> AnyDressingModel:
     if not path.is_file():
         raise CheckpointError(f"{where} does not exist")
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         tensors = load_file(str(path))

@@ -41,8 +41,10 @@ class Dresser:
     """Installs Dressing-Attention on a UNet for one generation; also a context manager.
 
     `cond_rows` names the batch rows that see the garments (None: all rows); unconditional rows are
-    left exactly as the plain UNet computes them (paper eq. 16). `active` switches the garments off
-    for part of the sampling range without uninstalling.
+    left exactly as the plain UNet computes them (paper eq. 16). `cond_batch`, when set, is the batch
+    size those rows refer to: a call with another batch (another extension running attn1 on a
+    sub-batch, as ControlNet's reference-only does) sees no garments rather than wrong rows.
+    `active` switches the garments off for part of the sampling range without uninstalling.
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class Dresser:
         self.record_attention_mass = record_attention_mass
         self.recompute_kv = recompute_kv
         self.cond_rows: Sequence[int] | None = None
+        self.cond_batch: int | None = None
         self.active = True
         self.attention_mass: dict[str, Tensor] = {}
         self._kept = [k for k, w in enumerate(self.weights) if w > 0]  # weight 0 drops the garment
@@ -176,6 +179,8 @@ class Dresser:
             self._latent_hw = (x.shape[-2], x.shape[-1])
 
     def _rows(self, batch: int, device: torch.device) -> Tensor:
+        if self.cond_batch is not None and batch != self.cond_batch:
+            return torch.empty(0, dtype=torch.long, device=device)
         if self.cond_rows is None:
             return torch.arange(batch, device=device)
         rows = sorted(set(int(r) for r in self.cond_rows))

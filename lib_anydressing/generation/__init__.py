@@ -1,0 +1,1 @@
+"""One dressed generation, independent of the WebUI: options, garment preparation, feature cache."""

@@ -1,0 +1,106 @@
+"""From checked options to what the engine takes: garment tensors, region masks, LoRA slots, cache keys."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from ..engine import AnyDressingModel, GarmentFeatures
+from ..images import garment_tensor
+from .options import GarmentSlot
+
+
+def garment_canvas(target_wh: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """(width, height) of the garment canvas: the target's aspect, long side ~ resolution, multiples of 64."""
+    w, h = target_wh
+    scale = resolution / max(w, h)
+    return max(64, round(w * scale / 64) * 64), max(64, round(h * scale / 64) * 64)
+
+
+def garment_batch(slots: Sequence[GarmentSlot], canvas_wh: tuple[int, int]) -> Tensor:
+    """(N, 3, H, W) in [-1, 1]: each garment alone on white, fitted to the canvas."""
+    return torch.stack([garment_tensor(slot.masked_image(), canvas_wh)[0] for slot in slots])
+
+
+def region_masks(slots: Sequence[GarmentSlot], latent_hw: tuple[int, int]) -> list[Tensor | None]:
+    """Where each garment may act on the target, at latent resolution; None means everywhere."""
+    h, w = latent_hw
+    masks: list[Tensor | None] = []
+    for slot in slots:
+        if slot.region == "box" and slot.box is not None:
+            x0, y0, x1, y1 = slot.box
+            top, left = int(y0 * h), int(x0 * w)
+            bottom, right = max(math.ceil(y1 * h), top + 1), max(math.ceil(x1 * w), left + 1)
+            m = torch.zeros(h, w)
+            m[top:bottom, left:right] = 1
+            masks.append(m)
+        elif slot.region == "mask" and slot.mask is not None:
+            resized = slot.mask.resize((w, h), Image.Resampling.BILINEAR)
+            masks.append(torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0))
+        else:
+            masks.append(None)
+    return masks
+
+
+def lora_slots(model: AnyDressingModel, slots: Sequence[GarmentSlot]) -> list[int] | None:
+    """GFE LoRA slot per garment: the model slot named like the garment's category, else by position."""
+    if model.lora is None:
+        return None
+    names = list(model.info.slots)
+    free = [i for i in range(model.lora.n_slots) if i >= len(names) or names[i] not in {s.category for s in slots}]
+    chosen = []
+    for slot in slots:
+        if slot.category in names and names.index(slot.category) < model.lora.n_slots:
+            chosen.append(names.index(slot.category))
+        elif free:
+            chosen.append(free.pop(0))
+        else:
+            chosen.append(len(chosen) % model.lora.n_slots)
+    return chosen
+
+
+def content_key(slots: Sequence[GarmentSlot], *parts: object) -> str:
+    """A hash of the garments' pixels and masks plus whatever else decides the features."""
+    digest = hashlib.sha256()
+    for slot in slots:
+        digest.update(slot.masked_image().tobytes())
+        digest.update(repr(slot.image.size).encode())
+    for part in parts:
+        data = part.detach().float().cpu().numpy().tobytes() if isinstance(part, Tensor) else repr(part).encode()
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def image_digest(image: Image.Image) -> str:
+    """Short content hash of one garment, for the infotext."""
+    return hashlib.sha256(image.tobytes()).hexdigest()[:10]
+
+
+class FeatureCache:
+    """A few recent garment feature sets, so re-generating with the same garments skips GarmentsNet."""
+
+    def __init__(self, max_entries: int = 2) -> None:
+        self.max_entries = max_entries
+        self._items: OrderedDict[str, GarmentFeatures] = OrderedDict()
+
+    def get(self, key: str) -> GarmentFeatures | None:
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        return None
+
+    def put(self, key: str, features: GarmentFeatures) -> None:
+        self._items[key] = features
+        self._items.move_to_end(key)
+        while len(self._items) > max(self.max_entries, 0):
+            self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        self._items.clear()

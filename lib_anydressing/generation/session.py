@@ -1,0 +1,119 @@
+"""One dressed generation: garment features (cached), Dressing-Attention on the UNet, step range, removal.
+
+The WebUI adapters hand in what only they have (the UNet, a VAE encoder, the empty-prompt
+embedding); everything else happens here, so it is tested without a WebUI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..engine import AnyDressingModel, Dresser, GarmentFeatures, remove_dressing
+from ..engine.image_prompt import garment_context
+from .options import DressingOptions
+from .prepare import FeatureCache, content_key, garment_batch, garment_canvas, lora_slots, region_masks
+from .rows import RowTracker
+
+Encode = Callable[[Tensor], Tensor]  # (N, 3, H, W) in [-1, 1] -> scaled latents (N, 4, H/8, W/8)
+
+
+@dataclass
+class PreparedGarments:
+    features: GarmentFeatures
+    regions: list[Tensor | None]
+    weights: list[float]
+    from_cache: bool
+    notes: list[str] = field(default_factory=list)
+
+
+class DressingSession:
+    """Lives for one generation (both passes of hires fix); `close()` leaves the UNet as it was."""
+
+    def __init__(self, model: AnyDressingModel, opts: DressingOptions) -> None:
+        self.model = model
+        self.opts = opts
+        self.strength = model.info.default_strength if opts.strength is None else opts.strength
+        self.rows = RowTracker()
+        self.dresser: Dresser | None = None
+        self._hook = None
+        self.prepared: PreparedGarments | None = None
+
+    def prepare(
+        self,
+        unet: nn.Module,
+        *,
+        target_wh: tuple[int, int],
+        encode: Encode,
+        empty_prompt: Tensor | None,
+        cache: FeatureCache,
+        model_key: str,
+        image_encoder_dir: str | Path | None = None,
+        offload_garments_net: bool = False,
+    ) -> PreparedGarments:
+        """Garment features for this generation: from the cache, or one GarmentsNet pass."""
+        slots = self.opts.slots
+        param = next(unet.parameters())
+        canvas = garment_canvas(target_wh, self.opts.resolution)
+        context, note = garment_context(self.model, [s.masked_image() for s in slots], empty_prompt, image_encoder_dir)
+        slot_ids = lora_slots(self.model, slots)
+        key = content_key(slots, model_key, canvas, slot_ids, param.dtype, str(param.device), context)
+        features = cache.get(key)
+        from_cache = features is not None
+        if features is None:
+            garments_net = self.model.garments_net(unet)
+            with torch.no_grad():
+                latents = encode(garment_batch(slots, canvas).to(param.device))
+                if not garments_net.shared:
+                    garments_net.to(param.device)
+                features = garments_net.extract(
+                    latents, slots=slot_ids, context=context, dtype=param.dtype, device=param.device
+                )
+            if offload_garments_net and not garments_net.shared:
+                garments_net.to("cpu")
+            cache.put(key, features)
+        latent_hw = (target_wh[1] // 8, target_wh[0] // 8)
+        self.prepared = PreparedGarments(
+            features, region_masks(slots, latent_hw), [s.weight for s in slots], from_cache, [note] if note else []
+        )
+        return self.prepared
+
+    def install(self, unet: nn.Module) -> None:
+        """Dressing-Attention on `unet`, with a pre-hook that marks each call's conditional rows."""
+        assert self.prepared is not None, "prepare() first"
+        remove_dressing(unet)
+        self.dresser = Dresser(
+            unet,
+            self.prepared.features,
+            self.model.projections,
+            strength=self.strength,
+            weights=self.prepared.weights,
+            regions=self.prepared.regions,
+        ).install()
+        self._hook = unet.register_forward_pre_hook(self._mark_rows, with_kwargs=True)
+
+    def on_step(self, step: int, total: int, n_cond: int) -> None:
+        """Called before each denoising step's UNet calls: rows restart, the range decides activity."""
+        self.rows.new_step(n_cond)
+        if self.dresser is not None:
+            fraction = step / max(total, 1)
+            self.dresser.active = self.opts.start <= fraction < self.opts.end
+
+    def _mark_rows(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = args[0] if args else kwargs.get("x")
+        if self.dresser is not None and isinstance(x, Tensor):
+            self.dresser.cond_rows = self.rows.next_call(x.shape[0])
+            self.dresser.cond_batch = x.shape[0]
+
+    def close(self) -> None:
+        """Remove everything this session put on the UNet; safe to call more than once."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self.dresser is not None:
+            self.dresser.remove()
+            self.dresser = None

@@ -1,0 +1,135 @@
+"""What the always-visible script does at each point of a generation, on A1111.
+
+Cleanup points, because A1111 skips `postprocess` when sampling raises: every `process` first
+removes what an earlier generation may have left; `postprocess` removes it; and `p.close()`, which
+A1111 calls on every path (UI and API, success, error or interrupt), removes it too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any, Protocol
+
+from torch import Tensor
+
+from ..engine import AnyDressingModel, CheckpointError, load_checkpoint, remove_dressing
+from ..generation.options import DressingOptions
+from ..generation.prepare import FeatureCache
+from ..generation.session import DressingSession
+from ..images import ImageInputError
+from ..model_files import TRAINING_FREE, resolve_model, short_hash
+from .infotext import PREFIX, infotext
+
+
+class WebUIEnv(Protocol):
+    """The few things the controller asks the WebUI; `env.A1111Env` answers from `modules.*`."""
+
+    def model_dirs(self) -> list[Path]: ...
+    def offload_garments_net(self) -> bool: ...
+    def cache_size(self) -> int: ...
+    def image_encoder_dir(self) -> str | None: ...
+    def refusal(self, p: Any) -> str | None: ...
+    def autocast(self) -> AbstractContextManager: ...
+    def encode(self, p: Any, images: Tensor) -> Tensor: ...
+    def empty_prompt(self, p: Any) -> Tensor | None: ...
+
+
+class Controller:
+    """One per WebUI process: a loaded model, a feature cache, and the generation being dressed."""
+
+    def __init__(self, env: WebUIEnv) -> None:
+        self.env = env
+        self.cache = FeatureCache(env.cache_size())
+        self.session: DressingSession | None = None
+        self._model: tuple[tuple, AnyDressingModel, str] | None = None  # (file identity, model, short hash)
+
+    def process(self, p: Any, opts: DressingOptions) -> None:
+        """Before sampling: clean up, check, extract garment features once, install on the UNet."""
+        unet = p.sd_model.model.diffusion_model
+        self.finish(unet)
+        if not opts.enabled:
+            return
+        for problem in opts.problems:
+            p.comment(f"{PREFIX}: {problem}")
+        if opts.problems:
+            p.comment(f"{PREFIX}: generating without dressing")
+            return
+        if not opts.slots:
+            p.comment(f"{PREFIX} is on but no garment image was given: generating without dressing")
+            return
+        refusal = self.env.refusal(p)
+        if refusal:
+            p.comment(f"{PREFIX}: {refusal}: generating without dressing")
+            return
+        if opts.garment_guidance is not None:
+            p.comment(f"{PREFIX}: garment guidance is not available in the WebUI yet; ignored")
+        try:
+            model, model_key, label = self._load(opts.model, p)
+            model.check_compatible(unet)
+            session = DressingSession(model, opts)
+            self.cache.max_entries = self.env.cache_size()
+            with self.env.autocast():
+                prepared = session.prepare(
+                    unet,
+                    target_wh=(p.width, p.height),
+                    encode=lambda images: self.env.encode(p, images),
+                    empty_prompt=self.env.empty_prompt(p),
+                    cache=self.cache,
+                    model_key=model_key,
+                    image_encoder_dir=self.env.image_encoder_dir(),
+                    offload_garments_net=self.env.offload_garments_net(),
+                )
+            session.install(unet)
+        except (CheckpointError, FileNotFoundError, ImageInputError, ValueError, RuntimeError) as e:
+            remove_dressing(unet)
+            p.comment(f"{PREFIX}: {e}: generating without dressing")
+            return
+        self.session = session
+        for note in prepared.notes:
+            p.comment(f"{PREFIX}: {note}")
+        p.extra_generation_params.update(infotext(opts, label, session.strength))
+        _close_with(p, lambda: self.finish(unet))
+
+    def on_cfg_denoiser(self, params: Any) -> None:
+        """A1111 calls this before each step's UNet calls: conditional rows come first in its batch."""
+        if self.session is None:
+            return
+        cond = params.text_cond
+        n_cond = (next(iter(cond.values())) if isinstance(cond, dict) else cond).shape[0]
+        self.session.on_step(params.sampling_step, params.total_sampling_steps, n_cond)
+
+    def finish(self, unet: Any = None) -> None:
+        """Take everything off the UNet: after a generation, an error, or when the script unloads."""
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+        if unet is not None:
+            remove_dressing(unet)
+
+    def _load(self, name: str, p: Any) -> tuple[AnyDressingModel, str, str]:
+        """(model, a key for the feature cache, the name + hash for the infotext)."""
+        path = resolve_model(name, self.env.model_dirs())
+        if path is None:
+            base = getattr(p.sd_model, "sd_model_hash", "")  # training-free features come from the loaded UNet
+            return AnyDressingModel.training_free(), f"{TRAINING_FREE}:{base}", TRAINING_FREE
+        stat = path.stat()
+        key = (str(path), stat.st_mtime_ns, stat.st_size)
+        if self._model is None or self._model[0] != key:
+            self._model = (key, load_checkpoint(path), short_hash(path))
+            self.cache.clear()
+        return self._model[1], repr(key), f"{path.stem} [{self._model[2]}]"
+
+
+def _close_with(p: Any, cleanup: Callable[[], None]) -> None:
+    """Run `cleanup` when A1111 closes `p`, which it does even when sampling raised."""
+    original = p.close
+
+    def close() -> None:
+        try:
+            cleanup()
+        finally:
+            original()
+
+    p.close = close

@@ -1,0 +1,111 @@
+"""A1111's answers to what the controller asks: the only module of lib_anydressing importing `modules.*`."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from ..model_files import model_dirs
+
+SECTION = ("anydressing", "AnyDressing")
+
+
+class A1111Env:
+    def model_dirs(self) -> list[Path]:
+        from modules import paths, shared
+
+        extra = [
+            Path(paths.models_path) / "AnyDressing",
+            getattr(shared.cmd_opts, "anydressing_models_dir", None),
+            getattr(shared.opts, "anydressing_models_dir", "") or None,
+        ]
+        return model_dirs(extra)
+
+    def offload_garments_net(self) -> bool:
+        from modules import shared
+
+        return bool(getattr(shared.opts, "anydressing_lowvram", default_lowvram()))
+
+    def cache_size(self) -> int:
+        from modules import shared
+
+        return int(getattr(shared.opts, "anydressing_cache_size", 2))
+
+    def image_encoder_dir(self) -> str | None:
+        from modules import shared
+
+        return getattr(shared.opts, "anydressing_image_encoder", "") or None
+
+    def refusal(self, p: Any) -> str | None:
+        """Why this generation cannot be dressed, or None."""
+        from modules import sd_unet, shared
+
+        if hasattr(p.sd_model, "forge_objects"):
+            return "Forge is not supported yet (its UNet patcher path is planned)"
+        if getattr(p.sd_model, "is_sd3", False):
+            return "SD3 has no UNet self-attention layers to dress"
+        if sd_unet.current_unet is not None:
+            return (
+                f"the UNet is replaced by {type(sd_unet.current_unet).__name__} (TensorRT or another custom UNet), "
+                "which bypasses the attention layers AnyDressing patches; set 'SD Unet' to None"
+            )
+        hires = getattr(p, "enable_hr", False) and getattr(shared.opts, "hypertile_enable_unet_secondpass", False)
+        if getattr(shared.opts, "hypertile_enable_unet", False) or hires:
+            return "Hypertile tiles the self-attention that AnyDressing needs whole; turn off Hypertile U-Net"
+        return None
+
+    def autocast(self) -> AbstractContextManager:
+        from modules import devices
+
+        return devices.autocast()
+
+    def encode(self, p: Any, images: Tensor) -> Tensor:
+        from modules import devices
+
+        x = images.to(devices.device, devices.dtype_vae)
+        return p.sd_model.get_first_stage_encoding(p.sd_model.encode_first_stage(x))
+
+    def empty_prompt(self, p: Any) -> Tensor | None:
+        cond = p.sd_model.get_learned_conditioning([""])
+        return cond["crossattn"] if isinstance(cond, dict) else cond
+
+
+def default_lowvram() -> bool:
+    """Offload GarmentsNet by default when the WebUI itself saves VRAM."""
+    from modules import shared
+
+    flags = shared.cmd_opts
+    return bool(flags.medvram or flags.lowvram or getattr(flags, "anydressing_lowvram", False))
+
+
+def register_settings() -> None:
+    import gradio as gr
+    from modules import shared
+
+    options = {
+        "anydressing_models_dir": shared.OptionInfo("", "Extra folder for AnyDressing models"),
+        "anydressing_lowvram": shared.OptionInfo(
+            default_lowvram(), "Low VRAM: move a separate GarmentsNet off the GPU once garment features are extracted"
+        ),
+        "anydressing_max_slots": shared.OptionInfo(
+            4, "Garment slots", gr.Slider, {"minimum": 1, "maximum": 8, "step": 1}
+        ).needs_reload_ui(),
+        "anydressing_cache_size": shared.OptionInfo(
+            2, "Garment feature sets kept for re-generation", gr.Slider, {"minimum": 0, "maximum": 8, "step": 1}
+        ),
+        "anydressing_image_encoder": shared.OptionInfo(
+            "", "CLIP-H image encoder folder (transformers format) for IMAGDressing models"
+        ),
+    }
+    for key, info in options.items():
+        info.section = SECTION
+        shared.opts.add_option(key, info)
+
+
+def max_slots() -> int:
+    from modules import shared
+
+    return int(getattr(shared.opts, "anydressing_max_slots", 4))

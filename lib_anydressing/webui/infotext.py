@@ -1,0 +1,64 @@
+"""AnyDressing's entries in the image parameters, written after a generation and read back on paste."""
+
+from __future__ import annotations
+
+from ..generation.options import CATEGORIES, DressingOptions
+from ..generation.prepare import image_digest
+from ..model_files import TRAINING_FREE
+
+PREFIX = "AnyDressing"
+
+
+def infotext(opts: DressingOptions, model_label: str, strength: float) -> dict[str, str]:
+    """`model_label` is the model name with its short hash; garments are 'category:hash:weight:region'."""
+    garments = ", ".join(
+        f"{slot.category}:{image_digest(slot.masked_image())}:{slot.weight:g}:"
+        + ("box " + " ".join(f"{v:g}" for v in slot.box) if slot.box else slot.region)
+        for slot in opts.slots
+    )
+    return {
+        f"{PREFIX} model": model_label,
+        f"{PREFIX} strength": f"{strength:g}",
+        f"{PREFIX} range": f"{opts.start:g}-{opts.end:g}",
+        f"{PREFIX} resolution": str(opts.resolution),
+        f"{PREFIX} garments": garments,
+    }
+
+
+def pasted(params: dict[str, str], n_slots: int) -> dict[str, object]:
+    """The UI values an infotext sets: the same names as the script's arguments (images cannot be pasted)."""
+    if f"{PREFIX} model" not in params:
+        return {}
+    values: dict[str, object] = {"enabled": True, "model": params[f"{PREFIX} model"].split(" [")[0] or TRAINING_FREE}
+    for key, name in (("strength", "strength"), ("resolution", "resolution")):
+        number = _float(params.get(f"{PREFIX} {key}"))
+        if number is not None:
+            values[name] = number
+    start, _, end = params.get(f"{PREFIX} range", "").partition("-")
+    if _float(start) is not None and _float(end) is not None:
+        values["start"], values["end"] = _float(start), _float(end)
+    entries = [e.strip() for e in params.get(f"{PREFIX} garments", "").split(",") if e.strip()]
+    for i, entry in enumerate(entries[:n_slots]):
+        category, _, rest = entry.partition(":")
+        _, _, rest = rest.partition(":")
+        weight, _, region = rest.partition(":")
+        if category in CATEGORIES:
+            values[f"slot{i}_category"] = category
+        if _float(weight) is not None:
+            values[f"slot{i}_weight"] = _float(weight)
+        if region.startswith("box "):
+            corners = [_float(v) for v in region[4:].split()]
+            if len(corners) == 4 and None not in corners:
+                values[f"slot{i}_region"] = "box"
+                for corner, v in zip(("x0", "y0", "x1", "y1"), corners, strict=True):
+                    values[f"slot{i}_box_{corner}"] = v
+        elif region in ("none", "mask"):
+            values[f"slot{i}_region"] = region
+    return values
+
+
+def _float(text: str | None) -> float | None:
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None

@@ -1,0 +1,100 @@
+"""The AnyDressing accordion of txt2img/img2img. Builds components only: cheap and side-effect free,
+because the API calls `ui()` too, to read the defaults."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gradio as gr
+
+from ..generation.options import CATEGORIES, REGIONS, script_arg_names
+from ..model_files import TRAINING_FREE, describe_model, list_models
+from .infotext import pasted
+
+
+def model_choices(dirs) -> list[str]:
+    return [TRAINING_FREE, *list_models(dirs)]
+
+
+def build(elem_id, n_slots: int, dirs, refresh) -> tuple[list[Any], list[tuple[Any, str]]]:
+    """(components in `script_arg_names` order, infotext fields)."""
+    from modules.ui_components import InputAccordion, ToolButton
+
+    components: dict[str, Any] = {}
+    with InputAccordion(False, label="AnyDressing", elem_id=elem_id("enabled")) as enabled:
+        components["enabled"] = enabled
+        with gr.Row():
+            model = gr.Dropdown(model_choices(dirs), value=TRAINING_FREE, label="Model", elem_id=elem_id("model"))
+            refresh_button = ToolButton("\U0001f504", elem_id=elem_id("refresh"), tooltip="Refresh the model list")
+            refresh_button.click(lambda: gr.update(choices=refresh()), outputs=[model])
+            components["model"] = model
+        details = gr.Markdown(describe_model(TRAINING_FREE, dirs)[1], elem_id=elem_id("model_details"))
+        with gr.Row():
+            components["strength"] = gr.Slider(
+                0.0, 2.0, 1.0, step=0.05, label="Strength (lambda)", elem_id=elem_id("strength")
+            )
+            components["start"] = gr.Slider(0.0, 1.0, 0.0, step=0.01, label="Start", elem_id=elem_id("start"))
+            components["end"] = gr.Slider(0.0, 1.0, 1.0, step=0.01, label="End", elem_id=elem_id("end"))
+        model.change(lambda name: _describe(name, dirs), inputs=[model], outputs=[components["strength"], details])
+        with gr.Row():
+            components["resolution"] = gr.Slider(
+                256, 1024, 512, step=64, label="Garment resolution", elem_id=elem_id("resolution")
+            )
+            components["garment_guidance_enabled"] = gr.Checkbox(
+                False, label="Garment guidance", elem_id=elem_id("gg_enabled")
+            )
+            components["garment_guidance"] = gr.Slider(
+                0.0, 10.0, 2.5, step=0.1, label="Garment guidance scale", elem_id=elem_id("gg")
+            )
+        with gr.Tabs():
+            for i in range(n_slots):
+                with gr.Tab(f"Garment {i + 1}"):
+                    with gr.Row():
+                        components[f"slot{i}_image"] = gr.Image(
+                            label="Garment (RGBA cutouts: alpha is the mask)",
+                            type="pil",
+                            image_mode="RGBA",
+                            elem_id=elem_id(f"slot{i}_image"),
+                        )
+                        components[f"slot{i}_mask"] = gr.Image(
+                            label="Mask (optional)", type="pil", elem_id=elem_id(f"slot{i}_mask")
+                        )
+                    with gr.Row():
+                        components[f"slot{i}_category"] = gr.Dropdown(
+                            list(CATEGORIES),
+                            value=CATEGORIES[i % 2],
+                            label="Category",
+                            elem_id=elem_id(f"slot{i}_category"),
+                        )
+                        components[f"slot{i}_weight"] = gr.Slider(
+                            0.0, 2.0, 1.0, step=0.05, label="Weight", elem_id=elem_id(f"slot{i}_weight")
+                        )
+                        components[f"slot{i}_region"] = gr.Radio(
+                            list(REGIONS), value="none", label="Region", elem_id=elem_id(f"slot{i}_region")
+                        )
+                    with gr.Row():
+                        for corner, default in (("x0", 0.0), ("y0", 0.0), ("x1", 1.0), ("y1", 1.0)):
+                            components[f"slot{i}_box_{corner}"] = gr.Number(
+                                default, label=f"Box {corner}", elem_id=elem_id(f"slot{i}_{corner}")
+                            )
+    ordered = [components[name] for name in script_arg_names(n_slots)]
+    fields = [(component, _paste(name, n_slots)) for name, component in components.items() if _pastable(name)]
+    return ordered, fields
+
+
+def _describe(name: str, dirs) -> tuple[Any, str]:
+    strength, text = describe_model(name, dirs)
+    return (gr.update() if strength is None else strength), text
+
+
+def _pastable(name: str) -> bool:
+    return not name.endswith(("_image", "_mask")) and "garment_guidance" not in name
+
+
+def _paste(name: str, n_slots: int):
+    """A1111 calls this with the pasted parameters; None (a field the infotext lacks) keeps the value."""
+
+    def value(params: dict) -> Any:
+        return pasted(params, n_slots).get(name)
+
+    return value

@@ -1,0 +1,320 @@
+"""The A1111 adapter on the real ldm UNet, driven the way A1111 drives it.
+
+`FakeP` and `CFGParams` mirror the attributes of A1111 1.10's StableDiffusionProcessing and
+CFGDenoiserParams that the adapter touches (the WebUI itself cannot be installed here).
+`cfg_step` reproduces CFGDenoiser.forward's batch: conditional rows first (one per AND sub-prompt
+of each image), then one unconditional row per image, run in one call, in chunks
+(batch_cond_uncond off), as separate cond/uncond calls (prompts of different lengths), or without
+the unconditional rows (skip uncond).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from lib_anydressing.engine import AnyDressingModel, Dresser, DressingProjections, ModelInfo, save_checkpoint
+from lib_anydressing.generation.options import from_api, from_script_args, script_arg_names
+from lib_anydressing.model_files import TRAINING_FREE
+from lib_anydressing.webui.controller import Controller
+from lib_anydressing.webui.infotext import pasted
+
+from conftest import LATENT
+
+
+class FakeSdModel:
+    """The LatentDiffusion surface used: model.diffusion_model, sd_model_hash, VAE encode, text conditioning."""
+
+    def __init__(self, unet):
+        self.model = type("DiffusionWrapper", (), {})()
+        self.model.diffusion_model = unet
+        self.sd_model_hash = "abc123"
+
+    def encode_first_stage(self, x):
+        return F.avg_pool2d(x, 8).repeat(1, 2, 1, 1)[:, :4]  # stands in for the VAE: (N,3,H,W) -> (N,4,H/8,W/8)
+
+    def get_first_stage_encoding(self, z):
+        return z * 0.18215
+
+    def get_learned_conditioning(self, prompts):
+        return torch.zeros(len(prompts), 77, 768)
+
+
+@dataclass
+class FakeP:
+    sd_model: Any
+    width: int = LATENT[1] * 8
+    height: int = LATENT[0] * 8
+    extra_generation_params: dict = field(default_factory=dict)
+    comments: dict = field(default_factory=dict)
+    closed: int = 0
+
+    def comment(self, text):  # as StableDiffusionProcessing.comment
+        self.comments[text] = 1
+
+    def close(self):
+        self.closed += 1
+
+
+@dataclass
+class CFGParams:  # field names of modules.script_callbacks.CFGDenoiserParams
+    x: torch.Tensor
+    image_cond: Any
+    sigma: torch.Tensor
+    sampling_step: int
+    total_sampling_steps: int
+    text_cond: torch.Tensor
+    text_uncond: torch.Tensor
+    denoiser: Any = None
+
+
+class FakeEnv:
+    def __init__(self, dirs):
+        self.dirs = dirs
+        self.refuse = None
+
+    def model_dirs(self):
+        return self.dirs
+
+    def offload_garments_net(self):
+        return True
+
+    def cache_size(self):
+        return 2
+
+    def image_encoder_dir(self):
+        return None
+
+    def refusal(self, p):
+        return self.refuse
+
+    def autocast(self):
+        return contextlib.nullcontext()
+
+    def encode(self, p, images):
+        return p.sd_model.get_first_stage_encoding(p.sd_model.encode_first_stage(images))
+
+    def empty_prompt(self, p):
+        return p.sd_model.get_learned_conditioning([""])
+
+
+def _garments():
+    top = Image.new("RGBA", (48, 64), (0, 0, 0, 0))
+    top.paste((220, 20, 20, 255), (8, 8, 40, 56))
+    return [
+        {"image": top, "category": "upper", "weight": 1.0, "region": "box", "box": [0, 0, 1, 0.5]},
+        {"image": Image.new("RGB", (40, 40), (20, 20, 220)), "category": "lower", "weight": 0.8},
+    ]
+
+
+def _opts(**general):
+    return from_api({"enabled": True, "garments": _garments(), **general})
+
+
+@pytest.fixture
+def setup(unet, tmp_path):
+    return Controller(FakeEnv([tmp_path])), FakeP(FakeSdModel(unet)), unet
+
+
+def cfg_step(controller, unet, x, cond, uncond, repeats, step, total, mode):
+    """One CFGDenoiser.forward: returns the UNet output for x_in (uncond rows copied when skipped)."""
+    batch = len(repeats)
+    x_in = torch.cat([x[i : i + 1].repeat(n, 1, 1, 1) for i, n in enumerate(repeats)] + [x])
+    c_in = torch.cat([cond, uncond])
+    controller.on_cfg_denoiser(CFGParams(x_in, None, None, step, total, cond, uncond))
+    t = torch.full((x_in.shape[0],), 500.0)
+    with torch.no_grad():
+        if mode == "one_call":
+            return unet(x_in, t, context=c_in)
+        if mode == "chunks":  # batch_cond_uncond off: chunks of `batch` rows, cond and uncond may mix
+            return torch.cat([unet(x_in[a : a + batch], t[a : a + batch], context=c_in[a : a + batch])
+                              for a in range(0, x_in.shape[0], batch)])  # fmt: skip
+        n_cond = cond.shape[0]
+        out_c = unet(x_in[:n_cond], t[:n_cond], context=cond)
+        if mode == "skip_uncond":
+            return torch.cat([out_c, out_c[:batch]])
+        return torch.cat([out_c, unet(x_in[n_cond:], t[n_cond:], context=uncond)])  # separate uncond call
+
+
+def _batch(repeats, seed=9):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(repeats), 4, *LATENT, generator=gen)
+    cond = torch.randn(sum(repeats), 7, 768, generator=gen)
+    uncond = torch.randn(len(repeats), 7, 768, generator=gen)
+    return x, cond, uncond
+
+
+@pytest.mark.parametrize("mode", ["one_call", "chunks", "separate_uncond", "skip_uncond"])
+@pytest.mark.parametrize("repeats", [[1], [1, 1], [2, 1]], ids=["one_image", "two_images", "and_prompt"])
+def test_conditional_rows_marked_in_every_layout(setup, mode, repeats):
+    controller, p, unet = setup
+    x, cond, uncond = _batch(repeats)
+    plain = cfg_step(controller, unet, x, cond, uncond, repeats, 0, 10, "one_call")
+    controller.process(p, _opts())
+    assert not p.comments, p.comments
+    session = controller.session
+    dressed = cfg_step(controller, unet, x, cond, uncond, repeats, 0, 10, mode)
+    controller.finish(unet)
+    # reference: the same features and settings, conditional rows named explicitly, one call
+    prepared, n_cond = session.prepared, sum(repeats)
+    reference = Dresser(
+        unet, prepared.features, None, strength=session.strength, weights=prepared.weights, regions=prepared.regions
+    )
+    with reference:
+        reference.cond_rows = list(range(n_cond))
+        want = cfg_step(Controller(FakeEnv([])), unet, x, cond, uncond, repeats, 0, 10, "one_call")
+    torch.testing.assert_close(dressed[:n_cond], want[:n_cond], atol=1e-4, rtol=1e-4)
+    assert (dressed[:n_cond] - plain[:n_cond]).abs().max() > 1e-3
+    if mode != "skip_uncond":
+        torch.testing.assert_close(dressed[n_cond:], plain[n_cond:], atol=1e-5, rtol=1e-5)
+
+
+def _clean(unet, before):
+    after = unet.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert not any("forward" in m.__dict__ for m in unet.modules())
+    assert not unet._forward_pre_hooks and "_anydressing_dresser" not in unet.__dict__
+
+
+@pytest.mark.parametrize("ending", ["postprocess", "exception_then_close", "interrupt", "next_process"])
+def test_model_clean_after_every_ending(setup, ending):
+    controller, p, unet = setup
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    x, cond, uncond = _batch([1])
+    plain = cfg_step(controller, unet, x, cond, uncond, [1], 0, 4, "one_call")
+    controller.process(p, _opts())
+    assert controller.session is not None
+    if ending == "postprocess":
+        cfg_step(controller, unet, x, cond, uncond, [1], 0, 4, "one_call")
+        controller.finish(p.sd_model.model.diffusion_model)
+    elif ending == "exception_then_close":  # sampling raised: A1111 skips postprocess but closes p
+        with pytest.raises(RuntimeError):
+            cfg_step(controller, unet, x[:, :2], cond, uncond, [1], 0, 4, "one_call")
+        p.close()
+        assert p.closed == 1  # A1111's own close still runs
+    elif ending == "interrupt":  # interrupt/skip: sampling returns early, postprocess and close follow
+        cfg_step(controller, unet, x, cond, uncond, [1], 0, 4, "one_call")
+        controller.finish(unet)
+        p.close()
+    else:  # left dressed; the next generation, even with dressing off, cleans up first
+        controller.process(FakeP(p.sd_model), from_api({"enabled": False}))
+    _clean(unet, before)
+    assert torch.equal(cfg_step(controller, unet, x, cond, uncond, [1], 0, 4, "one_call"), plain)
+
+
+def test_feature_cache_skips_garments_net_on_regeneration(setup):
+    controller, p, unet = setup
+    calls = []
+    handle = unet.time_embed.register_forward_hook(lambda *a: calls.append(1))
+    controller.process(p, _opts())
+    first = controller.session.prepared
+    controller.finish(unet)
+    assert len(calls) == 1 and not first.from_cache
+    controller.process(FakeP(p.sd_model), _opts())
+    assert len(calls) == 1 and controller.session.prepared.from_cache
+    assert controller.session.prepared.features is first.features
+    controller.finish(unet)
+    changed = _garments()
+    changed[1]["image"] = Image.new("RGB", (40, 40), (20, 220, 20))
+    controller.process(FakeP(p.sd_model), from_api({"enabled": True, "garments": changed}))
+    assert len(calls) == 2
+    handle.remove()
+    controller.finish(unet)
+
+
+def test_dressing_range_follows_steps(setup):
+    controller, p, unet = setup
+    x, cond, uncond = _batch([1])
+    plain = [cfg_step(controller, unet, x, cond, uncond, [1], s, 10, "one_call") for s in (2, 7)]
+    controller.process(p, _opts(start=0.5, end=1.0))
+    early = cfg_step(controller, unet, x, cond, uncond, [1], 2, 10, "one_call")
+    late = cfg_step(controller, unet, x, cond, uncond, [1], 7, 10, "one_call")
+    controller.finish(unet)
+    assert torch.equal(early, plain[0])
+    assert (late - plain[1]).abs().max() > 1e-3
+
+
+def test_infotext_round_trip(setup):
+    controller, p, unet = setup
+    controller.process(p, _opts(strength=0.6, start=0.1, end=0.9, resolution=384))
+    controller.finish(unet)
+    params = {k: str(v) for k, v in p.extra_generation_params.items()}
+    assert params["AnyDressing model"] == TRAINING_FREE
+    values = pasted(params, n_slots=4)
+    assert values["enabled"] is True and values["model"] == TRAINING_FREE
+    assert (values["strength"], values["start"], values["end"], values["resolution"]) == (0.6, 0.1, 0.9, 384)
+    assert (values["slot0_category"], values["slot0_weight"], values["slot0_region"]) == ("upper", 1.0, "box")
+    assert (values["slot0_box_y1"], values["slot1_category"], values["slot1_weight"]) == (0.5, "lower", 0.8)
+    assert values["slot1_region"] == "none" and "slot2_category" not in values
+    assert pasted({"Steps": "20"}, 4) == {}
+
+
+def test_positional_script_args_as_the_ui_sends_them():
+    names = script_arg_names(2)
+    values = dict.fromkeys(names)
+    values.update(
+        enabled=True, model=TRAINING_FREE, strength=0.9, start=0.0, end=1.0, resolution=512,
+        garment_guidance_enabled=False, garment_guidance=2.5, slot0_image=_garments()[1]["image"],
+        slot0_category="dress", slot0_weight=1.2, slot0_region="box", slot0_box_x0=0.1, slot0_box_y0=0.2,
+        slot0_box_x1=0.9, slot0_box_y1=0.8, slot1_region="none",
+    )  # fmt: skip
+    opts = from_script_args([values[n] for n in names], 2)
+    assert opts.problems == [] and opts.usable and opts.garment_guidance is None
+    assert len(opts.slots) == 1 and opts.slots[0].box == (0.1, 0.2, 0.9, 0.8) and opts.slots[0].weight == 1.2
+    assert len(from_script_args([{"enabled": True, "garments": _garments()}], 2).slots) == 2
+    short = from_script_args([True, TRAINING_FREE], 2)  # API callers may send fewer values
+    assert short.enabled and not short.slots and not short.problems
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("bad_option", "garment 1: category 'scarf'"),
+        ("no_garment", "no garment image was given"),
+        ("missing_model", "no AnyDressing model 'gone'"),
+        ("sdxl_model", "is for sdxl, but the loaded model is sd15"),
+        ("corrupt_model", "not a readable safetensors file"),
+        ("refused", "Hypertile"),
+    ],
+)
+def test_bad_input_gets_a_message_and_leaves_the_model_untouched(setup, tmp_path, case, expected):
+    controller, p, unet = setup
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    opts = _opts()
+    if case == "bad_option":
+        opts = from_api({"enabled": True, "garments": [{"image": _garments()[1]["image"], "category": "scarf"}]})
+    elif case == "no_garment":
+        opts = from_api({"enabled": True, "garments": [{"image": None}]})
+    elif case == "missing_model":
+        opts = _opts(model="gone")
+    elif case == "sdxl_model":
+        proj = DressingProjections.from_unet(unet)
+        save_checkpoint(AnyDressingModel(ModelInfo(base="sdxl"), projections=proj), tmp_path / "xl.safetensors")
+        opts = _opts(model="xl")
+    elif case == "corrupt_model":
+        (tmp_path / "broken.safetensors").write_bytes(bytes(64))
+        opts = _opts(model="broken")
+    else:
+        controller.env.refuse = "Hypertile tiles the self-attention that AnyDressing needs whole"
+    controller.process(p, opts)
+    comments = " | ".join(p.comments)
+    assert expected in comments and "generating without dressing" in comments
+    assert controller.session is None and not p.extra_generation_params
+    _clean(unet, before)
+
+
+def test_checkpoint_model_from_the_models_folder(setup, tmp_path):
+    controller, p, unet = setup
+    model = AnyDressingModel(ModelInfo(default_strength=0.7), projections=DressingProjections.from_unet(unet))
+    save_checkpoint(model, tmp_path / "mine.safetensors")
+    controller.process(p, _opts(model="mine"))
+    assert not p.comments, p.comments
+    assert controller.session.strength == 0.7  # the checkpoint's default when the request gives none
+    assert p.extra_generation_params["AnyDressing model"].startswith("mine [")
+    controller.finish(unet)

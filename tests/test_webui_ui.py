@@ -1,0 +1,93 @@
+"""The AnyDressing accordion built with A1111's own gradio (3.41.2): its values line up with the script's args.
+
+`modules.ui_components` cannot be installed; the two classes used are mirrored from A1111 1.10:
+InputAccordion is a hidden gr.Checkbox that opens a gr.Accordion, ToolButton a small gr.Button.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+from PIL import Image
+
+gr = pytest.importorskip("gradio")
+
+from lib_anydressing.generation.options import from_script_args, script_arg_names  # noqa: E402
+from lib_anydressing.model_files import TRAINING_FREE  # noqa: E402
+
+
+class InputAccordion(gr.Checkbox):
+    def __init__(self, value, **kwargs):
+        self.accordion_id = kwargs.get("elem_id")
+        super().__init__(value, **{**kwargs, "elem_id": f"{self.accordion_id}-checkbox", "visible": False})
+        self.accordion = gr.Accordion(
+            **{**kwargs, "elem_id": self.accordion_id, "label": kwargs.get("label", "Accordion"), "open": value}
+        )
+
+    def __enter__(self):
+        self.accordion.__enter__()
+        return self
+
+    def __exit__(self, exc_type, exc_val, exc_tb):
+        self.accordion.__exit__(exc_type, exc_val, exc_tb)
+
+    def get_block_name(self):
+        return "checkbox"
+
+
+class ToolButton(gr.Button):
+    def __init__(self, *args, **kwargs):
+        kwargs.pop("tooltip", None)  # A1111 adds `tooltip` to gradio components; plain 3.41.2 lacks it
+        super().__init__(*args, elem_classes=["tool"], **kwargs)
+
+
+@pytest.fixture
+def ui(monkeypatch, tmp_path):
+    fake = types.ModuleType("modules.ui_components")
+    fake.InputAccordion, fake.ToolButton = InputAccordion, ToolButton
+    monkeypatch.setitem(sys.modules, "modules", types.ModuleType("modules"))
+    monkeypatch.setitem(sys.modules, "modules.ui_components", fake)
+    from lib_anydressing.webui import ui
+
+    (tmp_path / "mine.safetensors").write_bytes(b"not a model")
+    with gr.Blocks():
+        components, fields = ui.build(lambda name: f"script_anydressing_{name}", 3, [tmp_path], lambda: [])
+    return ui, components, fields
+
+
+def test_components_follow_the_script_argument_order(ui):
+    module, components, _ = ui
+    names = script_arg_names(3)
+    assert len(components) == len(names)
+    defaults = [c.value for c in components]  # what the API fills in for missing args
+    opts = from_script_args(defaults, 3)
+    assert not opts.enabled and not opts.problems and opts.model == TRAINING_FREE
+    values = dict(zip(names, defaults, strict=True))
+    values.update(enabled=True, slot1_image=Image.new("RGB", (16, 16)))
+    opts = from_script_args([values[n] for n in names], 3)
+    assert opts.usable and len(opts.slots) == 1 and opts.slots[0].category == "lower"
+    assert module.model_choices([]) == [TRAINING_FREE]
+
+
+def test_infotext_fields_paste_values_the_components_accept(ui):
+    _, components, fields = ui
+    params = {"AnyDressing model": "mine [01234567]", "AnyDressing strength": "0.6", "AnyDressing range": "0.2-0.8",
+              "AnyDressing garments": "dress:ab:1.3:box 0 0 1 0.5"}  # fmt: skip
+    pasted = {c.elem_id: f(params) for c, f in fields}
+    assert pasted["script_anydressing_model"] == "mine"
+    assert pasted["script_anydressing_enabled-checkbox"] is True
+    assert pasted["script_anydressing_slot0_category"] == "dress" and pasted["script_anydressing_slot0_y1"] == 0.5
+    assert pasted["script_anydressing_slot1_category"] is None  # not in the infotext: left as it is
+    assert not any(c.elem_id.endswith(("_image", "_mask")) for c, _ in fields)
+
+
+def test_model_details_show_origin_and_problems(tmp_path):
+    from lib_anydressing.model_files import describe_model
+
+    strength, text = describe_model(TRAINING_FREE, [])
+    assert strength == 1.0 and "training-free" in text
+    (tmp_path / "broken.safetensors").write_bytes(b"xx")
+    strength, text = describe_model("broken", [tmp_path])
+    assert strength is None and "not a readable safetensors file" in text
