@@ -4,8 +4,8 @@ import modules.scripts as scripts
 from modules import script_callbacks
 
 from lib_anydressing.convert import convert_dropped
-from lib_anydressing.generation.options import from_script_args
-from lib_anydressing.webui import env, ui
+from lib_anydressing.generation.options import apply_overrides, from_script_args
+from lib_anydressing.webui import env, ui, xyz
 from lib_anydressing.webui.controller import Controller
 
 controller = Controller(env.A1111Env())
@@ -35,12 +35,21 @@ class AnyDressingScript(scripts.Script):
         return components
 
     def process(self, p, *args):
-        controller.process(p, from_script_args(args, env.max_slots()))
+        opts = from_script_args(args, env.max_slots())
+        apply_overrides(opts, xyz.overrides(p))
+        controller.process(p, opts)
 
     def postprocess(self, p, processed, *args):
         controller.finish(p.sd_model.model.diffusion_model)
 
 
+def add_xyz_axes():
+    for data in scripts.scripts_data:
+        if data.script_class.__module__ == "xyz_grid.py":
+            xyz.add_axes(data.module, env.max_slots())
+
+
+script_callbacks.on_before_ui(add_xyz_axes)
 script_callbacks.on_cfg_denoiser(controller.on_cfg_denoiser)
 script_callbacks.on_ui_settings(env.register_settings)
 script_callbacks.on_script_unloaded(lambda: controller.finish())

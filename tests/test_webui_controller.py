@@ -318,3 +318,36 @@ def test_checkpoint_model_from_the_models_folder(setup, tmp_path):
     assert controller.session.strength == 0.7  # the checkpoint's default when the request gives none
     assert p.extra_generation_params["AnyDressing model"].startswith("mine [")
     controller.finish(unet)
+
+
+class _AxisOption:  # scripts/xyz_grid.py's AxisOption(label, type, apply, ...)
+    def __init__(self, label, type, apply, format_value=None, confirm=None, cost=0.0, choices=None, prepare=None):
+        self.label, self.type, self.apply = label, type, apply
+
+
+def test_xyz_axes_set_strength_and_weights_per_cell(setup):
+    import copy
+    import types
+
+    from lib_anydressing.generation.options import apply_overrides
+    from lib_anydressing.webui import xyz
+
+    grid = types.SimpleNamespace(AxisOption=_AxisOption, axis_options=[])
+    xyz.add_axes(grid, 2)
+    xyz.add_axes(grid, 2)  # the UI can be rebuilt: no duplicates
+    axes = {o.label: o for o in grid.axis_options}
+    assert list(axes) == ["[AnyDressing] Strength", "[AnyDressing] Weight 1", "[AnyDressing] Weight 2"]
+    controller, p, unet = setup
+    cell = copy.copy(p)  # what xyz_grid does per cell
+    axes["[AnyDressing] Strength"].apply(cell, "0.4", None)
+    axes["[AnyDressing] Weight 2"].apply(cell, 0.25, None)
+    opts = _opts()
+    apply_overrides(opts, xyz.overrides(cell))
+    controller.process(cell, opts)
+    assert controller.session.strength == 0.4 and controller.session.prepared.weights == [1.0, 0.25]
+    assert cell.extra_generation_params["AnyDressing strength"] == "0.4"
+    controller.finish(unet)
+    assert xyz.overrides(p) == {}
+    bad = from_api({"enabled": True, "garments": _garments()[:1]})
+    apply_overrides(bad, {"weight 3": 1.0})
+    assert "does not apply (1 garments given)" in bad.problems[0]

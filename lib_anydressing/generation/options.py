@@ -203,3 +203,14 @@ def script_arg_names(n_slots: int) -> list[str]:
     general.append("garment_guidance")
     per_slot = ["image", "mask", "category", "weight", "region", "box_x0", "box_y0", "box_x1", "box_y1"]
     return general + [f"slot{i}_{name}" for i in range(n_slots) for name in per_slot]
+
+
+def apply_overrides(opts: DressingOptions, overrides: dict[str, float]) -> None:
+    """Values set per cell by the X/Y/Z plot: 'strength', or 'weight N' for garment N (1-based)."""
+    for key, value in overrides.items():
+        if key == "strength":
+            opts.strength = float(value)
+        elif key.startswith("weight ") and key[7:].isdigit() and 1 <= int(key[7:]) <= len(opts.slots):
+            opts.slots[int(key[7:]) - 1].weight = float(value)
+        else:
+            opts.problems.append(f"X/Y/Z value '{key}' does not apply ({len(opts.slots)} garments given)")
