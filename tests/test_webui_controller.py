@@ -351,3 +351,24 @@ def test_xyz_axes_set_strength_and_weights_per_cell(setup):
     bad = from_api({"enabled": True, "garments": _garments()[:1]})
     apply_overrides(bad, {"weight 3": 1.0})
     assert "does not apply (1 garments given)" in bad.problems[0]
+
+
+def test_separate_garments_net_is_built_once_per_model_and_base(setup, tmp_path):
+    controller, p, unet = setup
+    weights = {k: v.clone() for k, v in unet.state_dict().items() if ".attn2." not in k}
+    model = AnyDressingModel(ModelInfo(), projections=DressingProjections.from_unet(unet), garments_net_weights=weights)
+    save_checkpoint(model, tmp_path / "own.safetensors")
+    controller.process(p, _opts(model="own"))
+    assert not p.comments, p.comments
+    built = controller._garments_net[1]
+    assert built.unet is not unet
+    controller.finish(unet)
+    changed = _garments()
+    changed[0]["image"] = Image.new("RGB", (30, 30), (1, 2, 3))
+    controller.process(FakeP(p.sd_model), from_api({"enabled": True, "model": "own", "garments": changed}))
+    assert controller._garments_net[1] is built  # new garments, same network
+    controller.finish(unet)
+    p.sd_model.sd_model_hash = "another-checkpoint"
+    controller.process(FakeP(p.sd_model), _opts(model="own"))
+    assert controller._garments_net[1] is not built
+    controller.finish(unet)

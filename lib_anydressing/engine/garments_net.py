@@ -128,13 +128,13 @@ class GarmentsNet(nn.Module):
             raise ValueError(f"{n} garments but {len(slot_ids)} slot indices")
         if self.lora is not None and not all(0 <= s < self.lora.n_slots for s in slot_ids):
             raise ValueError(f"slot indices {slot_ids} out of range for {self.lora.n_slots} GFE slots")
+        if self.cross_attention == "empty_prompt" and context is None:
+            raise ValueError("this GarmentsNet needs the empty-prompt embedding as context")
+        param = next(self.unet.parameters())
         if self.cross_attention == "empty_prompt":
-            if context is None:
-                raise ValueError("this GarmentsNet needs the empty-prompt embedding as context")
-            context = context.expand(n, -1, -1)
+            context = context.to(param.device, param.dtype).expand(n, -1, -1)
         else:
             context = None
-        param = next(self.unet.parameters())
         x = latents.to(param.device, param.dtype)
         timesteps = torch.zeros(n, device=param.device, dtype=param.dtype)
         slot_t = torch.tensor(slot_ids, device=param.device)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..engine import AnyDressingModel, Dresser, GarmentFeatures, remove_dressing
+from ..engine import AnyDressingModel, Dresser, GarmentFeatures, GarmentsNet, remove_dressing
 from ..engine.image_prompt import garment_context
 from .options import DressingOptions
 from .prepare import FeatureCache, content_key, garment_batch, garment_canvas, lora_slots, region_masks
@@ -46,6 +46,7 @@ class DressingSession:
     def prepare(
         self,
         unet: nn.Module,
+        garments_net: GarmentsNet,
         *,
         target_wh: tuple[int, int],
         encode: Encode,
@@ -55,7 +56,11 @@ class DressingSession:
         image_encoder_dir: str | Path | None = None,
         offload_garments_net: bool = False,
     ) -> PreparedGarments:
-        """Garment features for this generation: from the cache, or one GarmentsNet pass."""
+        """Garment features for this generation: from the cache, or one GarmentsNet pass.
+
+        A separate GarmentsNet is brought to the UNet's device and dtype for the pass, and sent back to
+        the CPU after it when `offload_garments_net` (low VRAM); a shared one is the UNet itself.
+        """
         slots = self.opts.slots
         param = next(unet.parameters())
         canvas = garment_canvas(target_wh, self.opts.resolution)
@@ -65,11 +70,10 @@ class DressingSession:
         features = cache.get(key)
         from_cache = features is not None
         if features is None:
-            garments_net = self.model.garments_net(unet)
             with torch.no_grad():
                 latents = encode(garment_batch(slots, canvas).to(param.device))
                 if not garments_net.shared:
-                    garments_net.to(param.device)
+                    garments_net.to(param.device, param.dtype)
                 features = garments_net.extract(
                     latents, slots=slot_ids, context=context, dtype=param.dtype, device=param.device
                 )
@@ -86,6 +90,9 @@ class DressingSession:
         """Dressing-Attention on `unet`, with a pre-hook that marks each call's conditional rows."""
         assert self.prepared is not None, "prepare() first"
         remove_dressing(unet)
+        if self.model.projections is not None:
+            param = next(unet.parameters())
+            self.model.projections.to(param.device, param.dtype)
         self.dresser = Dresser(
             unet,
             self.prepared.features,

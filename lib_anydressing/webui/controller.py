@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from torch import Tensor
 
-from ..engine import AnyDressingModel, CheckpointError, load_checkpoint, remove_dressing
+from ..engine import AnyDressingModel, CheckpointError, GarmentsNet, load_checkpoint, remove_dressing
 from ..generation.options import DressingOptions
 from ..generation.prepare import FeatureCache
 from ..generation.session import DressingSession
@@ -44,6 +44,7 @@ class Controller:
         self.cache = FeatureCache(env.cache_size())
         self.session: DressingSession | None = None
         self._model: tuple[tuple, AnyDressingModel, str] | None = None  # (file identity, model, short hash)
+        self._garments_net: tuple[tuple, GarmentsNet] | None = None  # built once per model file and base weights
 
     def process(self, p: Any, opts: DressingOptions) -> None:
         """Before sampling: clean up, check, extract garment features once, install on the UNet."""
@@ -73,6 +74,7 @@ class Controller:
             with self.env.autocast():
                 prepared = session.prepare(
                     unet,
+                    self._garments_net_for(model, model_key, p),
                     target_wh=(p.width, p.height),
                     encode=lambda images: self.env.encode(p, images),
                     empty_prompt=self.env.empty_prompt(p),
@@ -107,6 +109,15 @@ class Controller:
             self.session = None
         if unet is not None:
             remove_dressing(unet)
+
+    def _garments_net_for(self, model: AnyDressingModel, model_key: str, p: Any) -> GarmentsNet:
+        """Kept between generations; rebuilt when the model file or the base checkpoint changes
+        (a partial GarmentsNet shares the base UNet's tensors)."""
+        unet = p.sd_model.model.diffusion_model
+        key = (model_key, id(unet), getattr(p.sd_model, "sd_model_hash", ""))
+        if self._garments_net is None or self._garments_net[0] != key:
+            self._garments_net = (key, model.garments_net(unet))
+        return self._garments_net[1]
 
     def _load(self, name: str, p: Any) -> tuple[AnyDressingModel, str, str]:
         """(model, a key for the feature cache, the name + hash for the infotext)."""
