@@ -1,0 +1,1 @@
+"""Cutting garments out of photos: Segment Anything with a cached image embedding, GrabCut without it."""

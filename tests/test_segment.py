@@ -1,0 +1,169 @@
+"""Segmentation core: a tiny SAM built from segment-anything's own classes, GrabCut, mask tools, outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from lib_anydressing.segment import mask_tools as mt
+from lib_anydressing.segment.grabcut import grabcut
+from lib_anydressing.segment.outputs import cutout, free_path, square_on_white
+from lib_anydressing.segment.sam_models import SamModelError, build_sam, detect_variant, read_state_dict
+from lib_anydressing.segment.segmenter import GRABCUT, Segmenter, as_rgb_array
+
+
+@pytest.fixture(scope="module")
+def tiny_sam_file(tmp_path_factory):
+    from segment_anything.build_sam import _build_sam
+
+    torch.manual_seed(0)
+    sam = _build_sam(32, 2, 1, [1])  # width 32, 2 blocks, block 1 global: the real classes, tiny
+    path = tmp_path_factory.mktemp("sam") / "tiny_sam.pth"
+    torch.save(sam.state_dict(), path)
+    return path
+
+
+def _scene(h=96, w=128):
+    """A red ellipse on a noisy grey background, and its true mask."""
+    gen = np.random.default_rng(0)
+    image = np.clip(gen.normal(120, 12, (h, w, 3)), 0, 255).astype(np.uint8)
+    truth = Image.new("L", (w, h), 0)
+    ImageDraw.Draw(truth).ellipse((30, 20, 100, 80), fill=255)
+    mask = np.asarray(truth) > 0
+    image[mask] = (200, 30, 40)
+    return image, mask
+
+
+@pytest.mark.parametrize("variant", ["vit_b", "vit_l", "vit_h"])
+def test_variant_from_shapes_not_names(variant):
+    from segment_anything import sam_model_registry
+
+    with torch.device("meta"):
+        state = sam_model_registry[variant]().state_dict()
+    assert detect_variant(state) == variant
+
+
+def test_tiny_sam_loads_and_caches_the_image_embedding(tiny_sam_file):
+    segmenter = Segmenter()
+    assert "custom" in segmenter.load(tiny_sam_file)
+    calls = []
+    segmenter.predictor.predictor.model.image_encoder.register_forward_hook(lambda *a: calls.append(1))
+    image, _ = _scene()
+    first = segmenter.segment(image, points=[(60, 50)], labels=[1])
+    second = segmenter.segment(image, points=[(60, 50), (10, 10)], labels=[1, 0])
+    assert len(calls) == 1, "a second click on the same image must not run the image encoder"
+    other = image.copy()
+    other[0, 0] = 0
+    segmenter.segment(other, points=[(60, 50)], labels=[1])
+    assert len(calls) == 2
+    segmenter.segment(image, box=(30, 20, 100, 80))
+    assert len(calls) == 2  # back to the first image: still cached
+    for result in (first, second):
+        c = result.candidates
+        assert c.masks.shape == (3, *image.shape[:2]) and c.scores.shape == (3,)
+        assert c.best == int(np.argmax(c.scores)) and np.array_equal(result.mask, c.masks[c.best])
+    refined = segmenter.segment(
+        image, points=[(60, 50)], labels=[1], previous_logits=first.candidates.low_res_logits[0]
+    )
+    assert not np.array_equal(refined.candidates.low_res_logits, first.candidates.low_res_logits)
+
+
+def test_grabcut_fallback_finds_a_clear_object():
+    image, truth = _scene()
+    segmenter = Segmenter()
+    assert segmenter.load(None) == GRABCUT
+    for prompts in ({"box": (25, 15, 105, 85)}, {"points": [(65, 50)], "labels": [1]}):
+        mask = segmenter.segment(image, **prompts).mask
+        iou = (mask & truth).sum() / (mask | truth).sum()
+        assert iou >= 0.9, (prompts, iou)
+
+
+def test_grabcut_on_huge_and_tiny_images():
+    image, truth = _scene()
+    big = np.kron(image, np.ones((40, 40, 1), dtype=np.uint8))  # 3840 x 5120
+    mask = grabcut(big, box=(25 * 40, 15 * 40, 105 * 40, 85 * 40))
+    assert mask.shape == big.shape[:2]
+    small_truth = mask[::40, ::40]
+    assert (small_truth & truth).sum() / (small_truth | truth).sum() >= 0.85
+    assert grabcut(np.zeros((1, 1, 3), np.uint8), box=(0, 0, 1, 1)).shape == (1, 1)
+    assert not grabcut(image, points=[(5, 5)], labels=[0]).any()  # only a negative click: nothing
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        Image.new("RGBA", (20, 10), (1, 2, 3, 0)),
+        Image.new("P", (20, 10), 5),
+        Image.fromarray(np.full((10, 20), 40000, dtype=np.uint16)),
+        Image.new("L", (20, 10), 7),
+        Image.new("CMYK", (20, 10)),
+    ],
+    ids=["RGBA", "P", "I;16", "L", "CMYK"],
+)
+def test_any_image_mode_becomes_rgb(image):
+    a = as_rgb_array(image)
+    assert a.shape == (10, 20, 3) and a.dtype == np.uint8
+
+
+def test_bad_sam_files_are_refused(tmp_path):
+    corrupt = tmp_path / "sam_vit_b.pth"
+    corrupt.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(SamModelError, match="truncated or not a SAM checkpoint"):
+        read_state_dict(corrupt)
+    sentinel = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(sentinel), "w"))
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"image_encoder.pos_embed": torch.zeros(1), "x": Evil()}, evil)
+    with pytest.raises(SamModelError, match="refused and not loaded"):
+        read_state_dict(evil)
+    assert not sentinel.exists()
+    notsam = tmp_path / "lora.pth"
+    torch.save({"lora_down.weight": torch.zeros(2, 2)}, notsam)
+    with pytest.raises(SamModelError, match="not a Segment Anything checkpoint"):
+        build_sam(read_state_dict(notsam))
+
+
+def test_mask_tools_on_known_masks():
+    square = np.zeros((21, 21), bool)
+    square[8:13, 8:13] = True
+    assert mt.dilate(square, 2).sum() > square.sum() and mt.dilate(square, 2)[6, 10]
+    assert mt.erode(square, 1).sum() == 9 and not mt.erode(square, 1)[8, 8]
+    assert np.array_equal(mt.grow(square, -1), mt.erode(square, 1)) and np.array_equal(mt.grow(square, 0), square)
+    ring = mt.dilate(square, 3) & ~square
+    assert np.array_equal(mt.fill_holes(ring), mt.dilate(square, 3))
+    two = square.copy()
+    two[0:2, 0:2] = True
+    assert np.array_equal(mt.largest_component(two), square)
+    assert not mt.largest_component(np.zeros((4, 4), bool)).any()
+    assert np.array_equal(mt.invert(square), ~square)
+    big = np.zeros((41, 41), bool)
+    big[10:31, 10:31] = True
+    soft = mt.feather(big, 4)
+    assert soft[20, 20] > 0.99 and 0.3 < soft[20, 10] < 0.7 and soft[20, 2] < 0.01 and soft.max() <= 1
+    assert np.array_equal(mt.feather(big, 0), big.astype(np.float32))
+    stroke = np.zeros_like(square)
+    stroke[0, :] = True
+    assert mt.paint(square, stroke, add=True)[0].all() and not mt.paint(square, square, add=False).any()
+
+
+def test_outputs(tmp_path):
+    image, truth = _scene()
+    rgba = cutout(image, truth)
+    assert rgba.mode == "RGBA" and rgba.size == (71, 61)  # the ellipse's bounding box
+    assert rgba.getpixel((0, 0))[3] == 0 and rgba.getpixel((35, 30))[:3] == (200, 30, 40)
+    square = square_on_white(rgba, 512)
+    assert square.size == (512, 512) and square.getpixel((2, 2)) == (255, 255, 255)
+    assert square.getpixel((256, 256)) == (200, 30, 40)
+    with pytest.raises(ValueError, match="empty"):
+        cutout(image, np.zeros_like(truth))
+    first = free_path(tmp_path / "out", "../../etc/passwd")
+    first.write_bytes(b"x")
+    second = free_path(tmp_path / "out", "../../etc/passwd")
+    assert first.parent == second.parent == tmp_path / "out" and first != second
+    assert first.name == "etc_passwd.png" and second.name == "etc_passwd-1.png"
