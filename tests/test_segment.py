@@ -110,7 +110,7 @@ def test_any_image_mode_becomes_rgb(image):
 def test_bad_sam_files_are_refused(tmp_path):
     corrupt = tmp_path / "sam_vit_b.pth"
     corrupt.write_bytes(b"PK\x03\x04 not really a zip")
-    with pytest.raises(SamModelError, match="truncated or not a SAM checkpoint"):
+    with pytest.raises(SamModelError, match="truncated or not a torch weights file"):
         read_state_dict(corrupt)
     sentinel = tmp_path / "ran"
 

@@ -1,48 +1,18 @@
-"""Reading third-party weight files without ever executing a pickle."""
+"""The converters' view of third-party files: the shared safe loader, raising ConversionError."""
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from pathlib import Path
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor
 
+from ..weights_file import WeightsFileError
+from ..weights_file import load_tensors as _load
 
-class ConversionError(ValueError):
+
+class ConversionError(WeightsFileError):
     """A file that cannot be converted, with a message meant for the user."""
 
 
 def load_tensors(path: str | Path) -> dict[str, Tensor]:
-    """A flat name -> tensor dict from a .safetensors file or a pickled torch file (.pth/.pt/.bin).
-
-    Pickles are read with `weights_only=True` only: one holding anything but tensors and plain
-    containers (code, optimizer objects) is refused, never run. A DeepSpeed `module` wrapper or a
-    `state_dict` wrapper is unwrapped.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConversionError(f"'{path}' does not exist")
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError) as e:
-            raise ConversionError(f"'{path.name}' is not a readable safetensors file: {e}") from e
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ConversionError(
-            f"'{path.name}' holds Python objects other than tensors; it was refused and not loaded "
-            f"(only weights_only pickles are read): {str(e).splitlines()[0]}"
-        ) from e
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
-        raise ConversionError(f"'{path.name}' is truncated or not a torch weights file: {e}") from e
-    for wrapper in ("module", "state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
-            obj = obj[wrapper]
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ConversionError(f"'{path.name}' is not a flat dictionary of tensors")
-    return dict(obj)
+    return _load(path, error=ConversionError, wrappers=("module", "state_dict"))

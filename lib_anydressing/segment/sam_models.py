@@ -6,20 +6,20 @@ anything but tensors is refused, never executed.
 
 from __future__ import annotations
 
-import pickle
-import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from ..weights_file import WeightsFileError, load_tensors
+
 # image encoder width -> (variant, depth) of the three original SAM ViTs
 VIT_VARIANTS = {768: ("vit_b", 12), 1024: ("vit_l", 24), 1280: ("vit_h", 32)}
 SAM_SUFFIXES = (".pth", ".pt", ".safetensors")
 
 
-class SamModelError(ValueError):
+class SamModelError(WeightsFileError):
     """A SAM file that cannot be used, with a message meant for the user."""
 
 
@@ -35,28 +35,7 @@ def find_sam_files(dirs: Iterable[Path]) -> dict[str, Path]:
 
 
 def read_state_dict(path: Path) -> dict[str, Tensor]:
-    if not path.is_file():
-        raise SamModelError(f"'{path}' does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as e:  # safetensors raises its own error types for every kind of damage
-            raise SamModelError(f"'{path.name}' is not a readable safetensors file: {e}") from e
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise SamModelError(
-            f"'{path.name}' holds Python objects other than tensors; it was refused and not loaded"
-        ) from e
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
-        raise SamModelError(f"'{path.name}' is truncated or not a SAM checkpoint: {e}") from e
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise SamModelError(f"'{path.name}' is not a dictionary of tensors")
-    return obj
+    return load_tensors(path, error=SamModelError, wrappers=("model",))
 
 
 def detect_variant(state_dict: dict[str, Tensor]) -> str:
