@@ -1,4 +1,4 @@
-"""Command line: `python -m lib_anydressing {demo,bench,convert} ...`."""
+"""Command line: `python -m lib_anydressing {demo,bench,convert,ui} ...`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 
 from . import bench, demo
 from .convert import cli as convert
+from .ui import cli as ui
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
         ("demo", demo, "dress a generated image in the two garments of tests/data, end to end"),
         ("bench", bench, "cost of dressing against the plain UNet (ratios; memory on CUDA)"),
         ("convert", convert, "convert a MagicClothing or IMAGDressing checkpoint to this extension's format"),
+        ("ui", ui, "serve the AnyDressing tab (Segment garment) on localhost"),
     ):
         sub = commands.add_parser(name, help=text, description=module.__doc__)
         module.add_arguments(sub)

@@ -167,3 +167,38 @@ def test_outputs(tmp_path):
     second = free_path(tmp_path / "out", "../../etc/passwd")
     assert first.parent == second.parent == tmp_path / "out" and first != second
     assert first.name == "etc_passwd.png" and second.name == "etc_passwd-1.png"
+
+
+def test_session_prompts_undo_and_outputs():
+    from lib_anydressing.segment.session import BOX, NEGATIVE, POSITIVE, MaskEdits, SegmentState
+
+    image, truth = _scene()
+    st = SegmentState()
+    st.set_image(image)
+    segmenter = Segmenter()
+    st.click(25, 15, BOX)
+    assert st.box is None and st.pending_corner == (25, 15)  # first corner only
+    st.click(105, 85, BOX)
+    assert st.box == (25, 15, 105, 85)
+    st.click(65, 50, POSITIVE)
+    st.click(5, 5, NEGATIVE)
+    assert st.labels == [1, 0]
+    result = st.run(segmenter)
+    assert result.engine == GRABCUT and (result.mask & truth).sum() / (result.mask | truth).sum() >= 0.9
+    st.undo()
+    assert st.points == [(65, 50)] and st.box is not None
+    st.undo()
+    st.undo()
+    assert not st.points and st.box is None
+    st.click(25, 15, BOX)
+    st.click(105, 85, BOX)
+    st.run(segmenter)
+    edits = MaskEdits(grow=2, fill_holes=True)
+    rgba, mask_image, square = st.outputs(edits, 768)
+    assert square.size == (768, 768) and mask_image.size == (128, 96)
+    assert np.asarray(mask_image).astype(bool).sum() > truth.sum()  # grown by 2 px
+    assert rgba.size[0] > 71  # the cutout's box grew with the mask
+    overlay = np.asarray(st.overlay(MaskEdits()))
+    assert overlay.shape == image.shape and not np.array_equal(overlay, image)
+    st.clear()
+    assert st.image is not None and st.result is None and st.outputs(MaskEdits(), 512) is None

@@ -33,7 +33,7 @@ def grabcut(
         if not positives:
             return np.zeros((h, w), dtype=bool)
         xs, ys = [p[0] for p in positives], [p[1] for p in positives]
-        margin = 0.25 * max(w, h)
+        margin = 0.35 * max(w, h)
         box = (min(xs) - margin, min(ys) - margin, max(xs) + margin, max(ys) + margin)
     x0, y0 = int(np.clip(box[0], 0, w - 1)), int(np.clip(box[1], 0, h - 1))
     x1, y1 = int(np.clip(box[2], x0 + 1, w)), int(np.clip(box[3], y0 + 1, h))

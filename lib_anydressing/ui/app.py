@@ -1,0 +1,19 @@
+"""The AnyDressing tab, one Blocks for the WebUI (on_ui_tabs) and for `python -m lib_anydressing ui`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import gradio as gr
+
+from . import segment_tab
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+EXTENSION_SAM_DIR = ROOT / "models" / "sam"
+
+
+def build_tabs(sam_dirs: Callable[[], list[Path]], output_dir: Path) -> gr.Blocks:
+    with gr.Blocks(analytics_enabled=False, title="AnyDressing") as blocks, gr.Tabs(), gr.Tab("Segment garment"):
+        segment_tab.build(sam_dirs, output_dir)
+    return blocks

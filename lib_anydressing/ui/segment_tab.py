@@ -1,0 +1,145 @@
+"""'Segment garment': click on a garment, get its cutout. Gradio wiring only; the logic is in segment/.
+
+No `from __future__ import annotations` here: gradio finds the `gr.SelectData` parameter by its annotation.
+"""
+
+from collections.abc import Callable
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import torch
+from PIL import Image
+
+from ..images import ImageInputError
+from ..segment.outputs import free_path
+from ..segment.sam_models import SamModelError, find_sam_files
+from ..segment.segmenter import GRABCUT, SAM_HINT, Segmenter, as_rgb_array
+from ..segment.session import BOX, NEGATIVE, POSITIVE, MaskEdits, SegmentState
+
+SEGMENTER = Segmenter()  # one SAM model per process, freed on request
+
+
+def build(sam_dirs: Callable[[], list[Path]], output_dir: Path) -> None:
+    """Components of the tab, inside the caller's Blocks/Tab context."""
+    state = gr.State(SegmentState())
+    with gr.Row():
+        with gr.Column():
+            photo = gr.Image(label="Photo: click on the garment", type="pil", elem_id="anydressing_segment_photo")
+            with gr.Row():
+                mode = gr.Radio([POSITIVE, NEGATIVE, BOX], value=POSITIVE, label="Click adds",
+                                elem_id="anydressing_segment_mode")  # fmt: skip
+            with gr.Row():
+                undo = gr.Button("Undo", elem_id="anydressing_segment_undo")
+                clear = gr.Button("Clear", elem_id="anydressing_segment_clear")
+            with gr.Row():
+                model = gr.Dropdown(_choices(sam_dirs), value=GRABCUT, label="Segmentation model")
+                device = gr.Radio(
+                    ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"], value="cpu", label="Device"
+                )
+            with gr.Row():
+                refresh = gr.Button("Refresh models")
+                free = gr.Button("Free model")
+            status = gr.Markdown(_status(), elem_id="anydressing_segment_status")
+        with gr.Column():
+            preview = gr.Image(label="Preview", type="pil", interactive=False, elem_id="anydressing_segment_preview")
+            candidates = gr.Gallery(label="SAM candidates", columns=3, height=160)
+            choice = gr.Radio(["best", "1", "2", "3"], value="best", label="Use candidate")
+            with gr.Row():
+                grow = gr.Slider(-30, 30, 0, step=1, label="Grow (+) / shrink (-), px")
+                feather = gr.Slider(0, 30, 0, step=1, label="Feather, px")
+            with gr.Row():
+                fill = gr.Checkbox(False, label="Fill holes")
+                largest = gr.Checkbox(False, label="Largest part only")
+                invert = gr.Checkbox(False, label="Invert")
+    with gr.Row():
+        cutout_out = gr.Image(label="Cutout (RGBA)", type="pil", image_mode="RGBA", interactive=False,
+                              elem_id="anydressing_segment_cutout")  # fmt: skip
+        mask_out = gr.Image(label="Mask", type="pil", interactive=False)
+        square_out = gr.Image(label="Garment on white", type="pil", interactive=False)
+    with gr.Row():
+        square_size = gr.Radio([512, 768], value=512, label="Square size")
+        save = gr.Button("Save to outputs", variant="primary")
+        saved = gr.Markdown()
+
+    edits_inputs = [grow, feather, fill, largest, invert, choice, square_size]
+    views = [preview, candidates, cutout_out, mask_out, square_out, status]
+
+    def render(st: SegmentState, grow_px, feather_px, fill_holes, largest_only, inverted, chosen, size):
+        st.choice = None if chosen == "best" else int(chosen) - 1
+        edits = MaskEdits(int(grow_px), int(feather_px), fill_holes, largest_only, inverted)
+        outs = st.outputs(edits, int(size))
+        gallery = []
+        if st.result is not None and st.result.candidates is not None:
+            c = st.result.candidates
+            gallery = [(Image.fromarray(m.astype(np.uint8) * 255), f"{i + 1}: score {s:.2f}")
+                       for i, (m, s) in enumerate(zip(c.masks, c.scores, strict=True))]  # fmt: skip
+        engine = st.result.engine if st.result is not None else SEGMENTER.engine
+        return (st.overlay(edits), gallery, *(outs or (None, None, None)), _status(engine))
+
+    def on_upload(st: SegmentState, image, *edits):
+        try:
+            st.set_image(None if image is None else as_rgb_array(image))
+        except ImageInputError as e:
+            st.set_image(None)
+            return (st, *render(st, *edits)[:-1], f"⚠ {e}")
+        return (st, *render(st, *edits))
+
+    def on_click(st: SegmentState, click_mode, evt: gr.SelectData, *edits):
+        if st.image is not None:
+            st.click(float(evt.index[0]), float(evt.index[1]), click_mode)
+            st.run(SEGMENTER)
+        return (st, *render(st, *edits))
+
+    def on_edit(action: str):
+        def handler(st: SegmentState, *edits):
+            getattr(st, action)()
+            st.run(SEGMENTER) if st.points or st.box else setattr(st, "result", None)
+            return (st, *render(st, *edits))
+
+        return handler
+
+    def on_model(st: SegmentState, name, dev, *edits):
+        try:
+            files = find_sam_files(sam_dirs())
+            SEGMENTER.load(None if name == GRABCUT else files.get(name), dev)
+        except (SamModelError, RuntimeError) as e:
+            SEGMENTER.load(None)
+            return (st, *render(st, *edits)[:-1], f"⚠ {e}. Using {GRABCUT}.")
+        if st.points or st.box:
+            st.result = None
+            st.run(SEGMENTER)
+        return (st, *render(st, *edits))
+
+    def on_save(st: SegmentState, *edits):
+        outs = st.outputs(MaskEdits(int(edits[0]), int(edits[1]), *edits[2:5]), int(edits[6]))
+        if outs is None:
+            return "Nothing to save yet: click on the garment first."
+        names = []
+        for image, stem in zip(outs, ("garment-cutout", "garment-mask", "garment-square"), strict=True):
+            path = free_path(output_dir, stem)
+            image.save(path)
+            names.append(path.name)
+        return f"Saved to {output_dir}: " + ", ".join(names)
+
+    photo.upload(on_upload, [state, photo, *edits_inputs], [state, *views])
+    photo.select(on_click, [state, mode, *edits_inputs], [state, *views])
+    undo.click(on_edit("undo"), [state, *edits_inputs], [state, *views])
+    clear.click(on_edit("clear"), [state, *edits_inputs], [state, *views])
+    model.change(on_model, [state, model, device, *edits_inputs], [state, *views])
+    device.change(on_model, [state, model, device, *edits_inputs], [state, *views])
+    refresh.click(lambda: gr.update(choices=_choices(sam_dirs)), outputs=[model])
+    free.click(lambda: (SEGMENTER.free(), gr.update(value=GRABCUT), _status())[1:], outputs=[model, status])
+    for component in edits_inputs:
+        component.change(lambda st, *e: render(st, *e), [state, *edits_inputs], views)
+    save.click(on_save, [state, *edits_inputs], [saved])
+
+
+def _choices(sam_dirs: Callable[[], list[Path]]) -> list[str]:
+    return [GRABCUT, *find_sam_files(sam_dirs())]
+
+
+def _status(engine: str | None = None) -> str:
+    engine = engine or SEGMENTER.engine
+    hint = f" — {SAM_HINT}" if engine == GRABCUT else ""
+    return f"Mask made by **{engine}**{hint}"

@@ -1,0 +1,85 @@
+"""The standalone Segment tab in a real browser: Debian's headless chromium driven by playwright.
+
+Upload a photo, click on the garment, and a mask appears: the preview turns blue-tinted where the
+object is, and the cutout comes out. Skipped where chromium or playwright is missing (CI installs both).
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+playwright = pytest.importorskip("playwright.sync_api")
+CHROMIUM = shutil.which("chromium")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
+ROOT = Path(__file__).resolve().parent.parent
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+
+
+@pytest.fixture
+def server(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lib_anydressing", "ui", "--port", str(port), "--outputs", str(tmp_path / "out")],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(proc.stdout.read().decode())
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("the UI did not start")
+    yield url, tmp_path
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def _photo(path: Path) -> None:
+    image = Image.new("RGB", (320, 240), (128, 128, 128))
+    ImageDraw.Draw(image).ellipse((80, 50, 240, 190), fill=(210, 30, 40))
+    image.save(path)
+
+
+def test_click_on_garment_shows_mask(server):
+    url, tmp = server
+    _photo(tmp / "photo.png")
+    with playwright.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1200})
+        page.goto(url)
+        page.locator("#anydressing_segment_photo input[type=file]").set_input_files(str(tmp / "photo.png"))
+        shown = page.locator("#anydressing_segment_photo img")
+        shown.wait_for(timeout=30000)
+        box = shown.bounding_box()
+        page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)  # the ellipse's centre
+        page.locator("#anydressing_segment_cutout img").wait_for(timeout=60000)
+        page.locator("#anydressing_segment_status").get_by_text("GrabCut").wait_for(timeout=10000)
+        preview = page.locator("#anydressing_segment_preview img")
+        preview.screenshot(path=str(tmp / "preview.png"))
+        page.screenshot(path=str(tmp / "page.png"))
+        browser.close()
+    shot = np.asarray(Image.open(tmp / "preview.png").convert("RGB")).astype(int)
+    h, w = shot.shape[:2]
+    beside_click = shot[h // 2 - 5 : h // 2 + 5, w // 3 - 5 : w // 3 + 5].reshape(-1, 3).mean(0)  # off the marker
+    corner = shot[5:15, 5:15].reshape(-1, 3).mean(0)
+    assert beside_click[2] > 120 and beside_click[0] < 180, f"the object should be tinted blue: {beside_click}"
+    assert abs(corner[0] - corner[2]) < 20, f"the background should stay grey, got {corner}"
