@@ -1,4 +1,4 @@
-"""Command line: `python -m lib_anydressing {demo,bench,convert,ui} ...`."""
+"""Command line: `python -m lib_anydressing {demo,bench,convert,ui,bench-sam} ...`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 
 from . import bench, demo
 from .convert import cli as convert
+from .segment import bench as bench_sam
 from .ui import cli as ui
 
 
@@ -18,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
         ("bench", bench, "cost of dressing against the plain UNet (ratios; memory on CUDA)"),
         ("convert", convert, "convert a MagicClothing or IMAGDressing checkpoint to this extension's format"),
         ("ui", ui, "serve the AnyDressing tab (Segment garment) on localhost"),
+        ("bench-sam", bench_sam, "what a segmentation click costs, embedding cached and recomputed"),
     ):
         sub = commands.add_parser(name, help=text, description=module.__doc__)
         module.add_arguments(sub)

@@ -202,3 +202,14 @@ def test_session_prompts_undo_and_outputs():
     assert overlay.shape == image.shape and not np.array_equal(overlay, image)
     st.clear()
     assert st.image is not None and st.result is None and st.outputs(MaskEdits(), 512) is None
+
+
+def test_bench_sam_reports_both_latencies_from_one_run(tiny_sam_file, capsys):
+    import json
+
+    from lib_anydressing.__main__ import main
+
+    assert main(["bench-sam", "--json", "--checkpoint", str(tiny_sam_file), "--clicks", "3", "--reencodes", "2"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["encoder_runs"] == 2  # only the re-encoded clicks ran the image encoder
+    assert result["click_latency_ms"] > 0 and result["reencode_latency_ms"] > 0 and result["variant"] == "custom"
