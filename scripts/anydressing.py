@@ -29,13 +29,14 @@ class AnyDressingScript(scripts.Script):
         return scripts.AlwaysVisible
 
     def ui(self, is_img2img):
+        self.n_slots = env.max_slots()  # the args follow the UI as built, until the UI is reloaded
         components, self.infotext_fields = ui.build(
-            self.elem_id, env.max_slots(), controller.env.model_dirs(), refresh_models
+            self.elem_id, self.n_slots, controller.env.model_dirs(), refresh_models
         )
         return components
 
     def process(self, p, *args):
-        opts = from_script_args(args, env.max_slots())
+        opts = from_script_args(args, getattr(self, "n_slots", env.max_slots()))
         apply_overrides(opts, xyz.overrides(p))
         controller.process(p, opts)
 

@@ -132,3 +132,15 @@ def test_inconsistent_tensors(unet, tmp_path):
     save_file(tensors, str(tmp_path / "bad.safetensors"), metadata=ModelInfo().to_metadata())
     with pytest.raises(CheckpointError, match=f"inconsistent tensors: .*da.{name}.to_v|{name}.to_v"):
         load_checkpoint(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [("tap", "attn_middle", "'anydressing.tap' is 'attn_middle'"), ("lora_rank", "{16", "not valid JSON")],
+)
+def test_bad_metadata_is_named(unet, tmp_path, field, value, message):
+    model = _model(unet, own_net=False)
+    meta = model.info.to_metadata() | {f"anydressing.{field}": value}
+    save_file(model.state_dict_for_file(), str(tmp_path / "m.safetensors"), metadata=meta)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(tmp_path / "m.safetensors")

@@ -179,7 +179,7 @@ def test_dressing_attention_equals_peer_processor(peer, magicclothing_files, ima
     layers = self_attention_layers(unet)
     gen = torch.Generator().manual_seed(5)
     refs = {layer.name: torch.randn(1, 12, layer.dim, generator=gen) for layer in layers}
-    features = GarmentFeatures(refs, 1, (4, 3))
+    features = GarmentFeatures(refs, 1)
     names = _attn1_names(_diffusers_unet(0))
     with torch.no_grad(), Dresser(unet, features, model.projections, strength=model.info.default_strength):
         for i, name in names.items():

@@ -130,3 +130,27 @@ def test_bad_slot_indices(unet, garments):
         gnet.extract(garments, slots=[0, 2])
     with pytest.raises(ValueError, match="slot indices"):
         gnet.extract(garments, slots=[0])
+
+
+def test_structure_copy_leaves_webui_state_behind(unet, garments):
+    """A1111 Lora's bookkeeping and torch hooks on the user's UNet must not reach a separate GarmentsNet."""
+    attn = self_attention_layers(unet)[0].attn
+    attn.to_q.network_layer_name = "diffusion_model_input_blocks_1_1_transformer_blocks_0_attn1_to_q"
+    attn.to_q.network_weights_backup = attn.to_q.weight.clone()
+    handle = unet.input_blocks[1].register_forward_pre_hook(lambda *a: (_ for _ in ()).throw(AssertionError("hook")))
+    weights = {k: v.clone() for k, v in unet.state_dict().items() if ".attn2." not in k}
+    own = GarmentsNet.from_state_dict(unet, weights)
+    handle.remove()
+    copied = self_attention_layers(own.unet)[0].attn.to_q
+    assert not hasattr(copied, "network_layer_name") and not hasattr(copied, "network_weights_backup")
+    assert not any(m._forward_pre_hooks for m in own.unet.modules())
+    own.extract(garments)  # the copied hook would raise
+
+
+def test_unet_with_a_pooled_input_gets_zeros(garments):
+    """ldm's UNetModel asserts `y` when it has class/pooled inputs, as SDXL's does: extraction supplies zeros."""
+    from lib_anydressing.engine.sd_unet import TINY_UNET, build_unet
+
+    unet = build_unet(TINY_UNET, num_classes="continuous")  # a Linear pooled input, like SDXL's label_emb
+    feats = GarmentsNet(unet, shared=True).extract(garments)
+    assert len(feats.per_layer) == len(self_attention_layers(unet))

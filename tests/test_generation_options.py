@@ -129,7 +129,7 @@ def test_content_key_and_feature_cache():
     assert len({content_key(a, "m", 512), content_key(b, "m", 512), content_key(a, "m", 384)}) == 3
     assert content_key(a, torch.zeros(2)) != content_key(a, torch.ones(2))
     cache = FeatureCache(max_entries=2)
-    feats = [GarmentFeatures({}, 1, (1, 1)) for _ in range(3)]
+    feats = [GarmentFeatures({}, 1) for _ in range(3)]
     for i, f in enumerate(feats):
         cache.put(str(i), f)
     assert cache.get("0") is None and cache.get("2") is feats[2]

@@ -94,6 +94,15 @@ class FakeEnv:
     def refusal(self, p):
         return self.refuse
 
+    def device(self):
+        return torch.device("cpu")
+
+    def dtype(self):
+        return torch.float32
+
+    def load_unet(self, p):
+        pass
+
     def autocast(self):
         return contextlib.nullcontext()
 
@@ -193,9 +202,14 @@ def test_model_clean_after_every_ending(setup, ending):
     if ending == "postprocess":
         cfg_step(controller, unet, x, cond, uncond, [1], 0, 4, "one_call")
         controller.finish(p.sd_model.model.diffusion_model)
-    elif ending == "exception_then_close":  # sampling raised: A1111 skips postprocess but closes p
-        with pytest.raises(RuntimeError):
-            cfg_step(controller, unet, x[:, :2], cond, uncond, [1], 0, 4, "one_call")
+    elif ending == "exception_then_close":  # raised inside a dressed layer: no postprocess, but p.close()
+        from lib_anydressing.engine import self_attention_layers
+
+        middle = self_attention_layers(unet)[4].attn.to_v
+        handle = middle.register_forward_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("out of memory")))
+        with pytest.raises(RuntimeError, match="out of memory"):
+            cfg_step(controller, unet, x, cond, uncond, [1], 0, 4, "one_call")
+        handle.remove()
         p.close()
         assert p.closed == 1  # A1111's own close still runs
     elif ending == "interrupt":  # interrupt/skip: sampling returns early, postprocess and close follow
@@ -253,6 +267,8 @@ def test_infotext_round_trip(setup):
     assert (values["slot0_box_y1"], values["slot1_category"], values["slot1_weight"]) == (0.5, "lower", 0.8)
     assert values["slot1_region"] == "none" and "slot2_category" not in values
     assert pasted({"Steps": "20"}, 4) == {}
+    gap = pasted({"AnyDressing model": "x", "AnyDressing garments": "3:hat:ab:0.5:none"}, 4)
+    assert gap["slot2_category"] == "hat" and "slot0_category" not in gap  # slot numbers survive gaps
 
 
 def test_positional_script_args_as_the_ui_sends_them():
@@ -260,7 +276,7 @@ def test_positional_script_args_as_the_ui_sends_them():
     values = dict.fromkeys(names)
     values.update(
         enabled=True, model=TRAINING_FREE, strength=0.9, start=0.0, end=1.0, resolution=512,
-        garment_guidance_enabled=False, garment_guidance=2.5, slot0_image=_garments()[1]["image"],
+        slot0_image=_garments()[1]["image"],
         slot0_category="dress", slot0_weight=1.2, slot0_region="box", slot0_box_x0=0.1, slot0_box_y0=0.2,
         slot0_box_x1=0.9, slot0_box_y1=0.8, slot1_region="none",
     )  # fmt: skip
@@ -348,9 +364,11 @@ def test_xyz_axes_set_strength_and_weights_per_cell(setup):
     assert cell.extra_generation_params["AnyDressing strength"] == "0.4"
     controller.finish(unet)
     assert xyz.overrides(p) == {}
-    bad = from_api({"enabled": True, "garments": _garments()[:1]})
-    apply_overrides(bad, {"weight 3": 1.0})
-    assert "does not apply (1 garments given)" in bad.problems[0]
+    gap = from_api({"enabled": True, "garments": [_garments()[0], {"image": None}, _garments()[1]]})
+    apply_overrides(gap, {"weight 3": 0.5})  # UI slot 3 holds the second garment: slot 2 is empty
+    assert gap.slots[1].weight == 0.5 and gap.slots[0].weight == 1.0 and not gap.problems
+    apply_overrides(gap, {"weight 2": 1.0})
+    assert "that garment slot is empty" in gap.problems[0]
 
 
 def test_separate_garments_net_is_built_once_per_model_and_base(setup, tmp_path):

@@ -74,7 +74,7 @@ def test_components_follow_the_script_argument_order(ui):
 def test_infotext_fields_paste_values_the_components_accept(ui):
     _, components, fields = ui
     params = {"AnyDressing model": "mine [01234567]", "AnyDressing strength": "0.6", "AnyDressing range": "0.2-0.8",
-              "AnyDressing garments": "dress:ab:1.3:box 0 0 1 0.5"}  # fmt: skip
+              "AnyDressing garments": "1:dress:ab:1.3:box 0 0 1 0.5"}  # fmt: skip
     pasted = {c.elem_id: f(params) for c, f in fields}
     assert pasted["script_anydressing_model"] == "mine"
     assert pasted["script_anydressing_enabled-checkbox"] is True

@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .garments_net import CrossAttentionMode, GarmentsNet, TapPoint
+from .garments_net import CROSS_ATTENTION_MODES, TAP_POINTS, CrossAttentionMode, GarmentsNet, TapPoint
 from .gfe_lora import PROJECTIONS, GarmentLoRA
 from .projections import DressingProjections
 from .unet_layers import architecture, self_attention_layers
@@ -67,9 +67,17 @@ class ModelInfo:
         values: dict[str, Any] = {}
         for name, default in asdict(cls()).items():
             raw = meta.get(_PREFIX + name)
-            if raw is not None:
+            if raw is None:
+                continue
+            try:
                 values[name] = raw if isinstance(default, str) else json.loads(raw)
-        return cls(**values)
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{where}: metadata '{_PREFIX}{name}' is not valid JSON: {raw!r}") from e
+        info = cls(**values)
+        for name, allowed in (("tap", TAP_POINTS), ("cross_attention", CROSS_ATTENTION_MODES)):
+            if getattr(info, name) not in allowed:
+                raise CheckpointError(f"{where}: '{_PREFIX}{name}' is {getattr(info, name)!r}, not one of {allowed}")
+        return info
 
 
 @dataclass

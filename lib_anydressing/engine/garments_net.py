@@ -22,6 +22,8 @@ from .unet_layers import self_attention_layers
 
 TapPoint = Literal["attn_output", "attn_input"]
 CrossAttentionMode = Literal["skip", "empty_prompt"]
+TAP_POINTS = ("attn_output", "attn_input")
+CROSS_ATTENTION_MODES = ("skip", "empty_prompt")
 
 
 @dataclass
@@ -30,7 +32,6 @@ class GarmentFeatures:
 
     per_layer: dict[str, Tensor]
     n_garments: int
-    latent_hw: tuple[int, int]
 
 
 class _StopExtraction(Exception):
@@ -117,7 +118,9 @@ class GarmentsNet(nn.Module):
         """One batched forward of all N garment latents (N, 4, h, w) at timestep 0.
 
         slots[i] picks the LoRA of garment i (default: garment i uses slot i). `context` is the
-        empty-prompt embedding (1 or N rows) for checkpoints that keep cross-attention.
+        empty-prompt embedding (1 or N rows) for checkpoints that keep cross-attention. `device` and
+        `dtype` are where the inputs go and the features stay, default the UNet's first weight's
+        (which the WebUI's low-VRAM modes may keep on the CPU: pass the sampling device there).
         Runs under the caller's grad mode, so training can backpropagate through it.
         """
         n = latents.shape[0]
@@ -131,26 +134,24 @@ class GarmentsNet(nn.Module):
         if self.cross_attention == "empty_prompt" and context is None:
             raise ValueError("this GarmentsNet needs the empty-prompt embedding as context")
         param = next(self.unet.parameters())
-        if self.cross_attention == "empty_prompt":
-            context = context.to(param.device, param.dtype).expand(n, -1, -1)
-        else:
-            context = None
-        x = latents.to(param.device, param.dtype)
-        timesteps = torch.zeros(n, device=param.device, dtype=param.dtype)
-        slot_t = torch.tensor(slot_ids, device=param.device)
+        device = torch.device(device) if device is not None else param.device
+        dtype = dtype or param.dtype
+        context = context.to(device, dtype).expand(n, -1, -1) if self.cross_attention == "empty_prompt" else None
+        x = latents.to(device, dtype)
+        timesteps = torch.zeros(n, device=device, dtype=dtype)
+        slot_t = torch.tensor(slot_ids, device=device)
 
         captured: dict[str, Tensor] = {}
         patches = self._patches(captured, slot_t)
         try:
-            type(self.unet).forward(self.unet, x, timesteps=timesteps, context=context)
+            type(self.unet).forward(self.unet, x, timesteps=timesteps, context=context, **_class_input(self.unet, x))
         except _StopExtraction:
             pass
         finally:
             for patch in reversed(patches):
                 patch.restore()
-        out_dtype = dtype or param.dtype
-        per_layer = {name: f.to(device=device or param.device, dtype=out_dtype) for name, f in captured.items()}
-        return GarmentFeatures(per_layer, n, (latents.shape[-2], latents.shape[-1]))
+        per_layer = {name: f.to(device=device, dtype=dtype) for name, f in captured.items()}
+        return GarmentFeatures(per_layer, n)
 
     def _patches(self, captured: dict[str, Tensor], slots: Tensor) -> list[ForwardPatch]:
         patches: list[ForwardPatch] = []
@@ -197,12 +198,37 @@ def _tap(name: str, tap: TapPoint, captured: dict[str, Tensor], *, stop: bool):
 
 
 def _structure_copy(template: nn.Module) -> nn.Module:
+    """`template`'s module tree with meta tensors, and none of what the WebUI attached to it.
+
+    Left behind: instance forward overrides (other extensions' hooks), torch hooks (lowvram's
+    device moves), stray tensors and A1111 Lora's `network_*` bookkeeping. That bookkeeping would
+    make A1111 apply the user's LoRA to GarmentsNet, and, where GarmentsNet shares the base UNet's
+    tensors, write it into the user's weights.
+    """
     memo: dict[int, Any] = {}
     for t in itertools.chain(template.parameters(), template.buffers()):
         meta = torch.empty_like(t, device="meta")
         memo[id(t)] = nn.Parameter(meta, requires_grad=False) if isinstance(t, nn.Parameter) else meta
+    for module in template.modules():
+        for value in module.__dict__.values():
+            for t in value if isinstance(value, tuple | list) else (value,):
+                if isinstance(t, Tensor) and id(t) not in memo:
+                    memo[id(t)] = None  # e.g. a LoRA weight backup: never copied
     clone = copy.deepcopy(template, memo)
     for module in clone.modules():
-        for attr in ("forward", "_forward"):
-            module.__dict__.pop(attr, None)
+        for attr in [a for a in module.__dict__ if a in ("forward", "_forward") or a.startswith("network_")]:
+            del module.__dict__[attr]
+        for name, hooks in vars(module).items():
+            if name.startswith(("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")):
+                hooks.clear()
     return clone
+
+
+def _class_input(unet: nn.Module, x: Tensor) -> dict[str, Tensor]:
+    """UNets with a class/pooled-text input (SDXL's `y`) get zeros: the garments carry no such condition."""
+    if getattr(unet, "num_classes", None) is None:
+        return {}
+    linear = next((m for m in unet.label_emb.modules() if isinstance(m, nn.Linear)), None)
+    if linear is None:  # class labels (an nn.Embedding): class 0
+        return {"y": torch.zeros(x.shape[0], dtype=torch.long, device=x.device)}
+    return {"y": x.new_zeros(x.shape[0], linear.in_features)}

@@ -162,8 +162,21 @@ def garment_context(
             "so the empty prompt is used (garment fidelity may be lower)"
         )
     try:
-        resampler = Resampler.from_state_dict(model.resampler_weights, model.info.resampler_heads)
-        encoder = ImagePromptEncoder(encoder_dir, resampler)
+        encoder = _encoder(model, encoder_dir)
     except (ImagePromptError, KeyError, RuntimeError, ZeroDivisionError) as e:
         return empty_prompt, f"image prompt unavailable ({e}); the empty prompt is used"
     return encoder(images), f"image prompt from the CLIP encoder in '{Path(encoder_dir).name}'"
+
+
+_last_encoder: tuple[tuple, ImagePromptEncoder] | None = None
+
+
+def _encoder(model: AnyDressingModel, encoder_dir: str | Path) -> ImagePromptEncoder:
+    """The encoder for this model and folder, kept: loading CLIP-H takes seconds and gigabytes."""
+    global _last_encoder
+    key = (str(encoder_dir), id(model.resampler_weights))
+    if _last_encoder is None or _last_encoder[0] != key:
+        _last_encoder = None  # free the old one before loading the next
+        resampler = Resampler.from_state_dict(model.resampler_weights, model.info.resampler_heads)
+        _last_encoder = (key, ImagePromptEncoder(encoder_dir, resampler))
+    return _last_encoder[1]

@@ -76,3 +76,8 @@ def token_grid(n_tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
 def module_key(layer_name: str) -> str:
     """A layer name usable as an nn.ModuleDict key (which cannot hold dots)."""
     return layer_name.replace(".", "_")
+
+
+def input_channels(unet: nn.Module) -> int:
+    """Latent channels the UNet takes: 4, or 9 / 8 for inpainting / instruct-pix2pix models."""
+    return next(m for m in unet.modules() if isinstance(m, nn.Conv2d)).in_channels

@@ -34,6 +34,7 @@ class GarmentSlot:
     weight: float = 1.0
     region: str = "none"  # none | mask: the slot mask placed on the canvas | box
     box: tuple[float, float, float, float] | None = None  # x0, y0, x1, y1 as fractions of the canvas
+    index: int = 0  # the UI slot it came from (0-based): empty slots in between keep their numbers
 
     def masked_image(self) -> Image.Image:
         """The garment alone on white: what GarmentsNet sees."""
@@ -118,7 +119,7 @@ def _slot(index: int, values: dict[str, Any], problems: list[str]) -> GarmentSlo
         problems.append(f"{where}: region 'mask' needs a mask (or an RGBA cutout)")
     elif region == "box":
         box = _box(values.get("box"), where, problems)
-    return GarmentSlot(image, mask_image, category, 1.0 if weight is None else weight, region, box)
+    return GarmentSlot(image, mask_image, category, 1.0 if weight is None else weight, region, box, index - 1)
 
 
 def _image(value: Any) -> Image.Image:
@@ -186,8 +187,6 @@ def from_script_args(args: Sequence[Any], n_slots: int) -> DressingOptions:
     names = script_arg_names(n_slots)
     values = dict(zip(names, args, strict=False))  # API callers may pass fewer values: defaults follow
     general = {k: values[k] for k in GENERAL_FIELDS if values.get(k) is not None}
-    if not values.get("garment_guidance_enabled"):
-        general["garment_guidance"] = None
     slots = []
     for i in range(n_slots):
         slot = {f: values.get(f"slot{i}_{f}") for f in SLOT_FIELDS if f != "box"}
@@ -199,18 +198,18 @@ def from_script_args(args: Sequence[Any], n_slots: int) -> DressingOptions:
 
 def script_arg_names(n_slots: int) -> list[str]:
     """The order of the values the UI hands to the script: general settings, then each slot's."""
-    general = ["enabled", "model", "strength", "start", "end", "resolution", "garment_guidance_enabled"]
-    general.append("garment_guidance")
+    general = ["enabled", "model", "strength", "start", "end", "resolution"]
     per_slot = ["image", "mask", "category", "weight", "region", "box_x0", "box_y0", "box_x1", "box_y1"]
     return general + [f"slot{i}_{name}" for i in range(n_slots) for name in per_slot]
 
 
 def apply_overrides(opts: DressingOptions, overrides: dict[str, float]) -> None:
-    """Values set per cell by the X/Y/Z plot: 'strength', or 'weight N' for garment N (1-based)."""
+    """Values set per cell by the X/Y/Z plot: 'strength', or 'weight N' for the garment in UI slot N."""
     for key, value in overrides.items():
+        slot = next((s for s in opts.slots if key == f"weight {s.index + 1}"), None)
         if key == "strength":
             opts.strength = float(value)
-        elif key.startswith("weight ") and key[7:].isdigit() and 1 <= int(key[7:]) <= len(opts.slots):
-            opts.slots[int(key[7:]) - 1].weight = float(value)
+        elif slot is not None:
+            slot.weight = float(value)
         else:
-            opts.problems.append(f"X/Y/Z value '{key}' does not apply ({len(opts.slots)} garments given)")
+            opts.problems.append(f"X/Y/Z value '{key}' does not apply: that garment slot is empty")

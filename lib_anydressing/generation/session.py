@@ -48,6 +48,8 @@ class DressingSession:
         unet: nn.Module,
         garments_net: GarmentsNet,
         *,
+        device: torch.device,
+        dtype: torch.dtype,
         target_wh: tuple[int, int],
         encode: Encode,
         empty_prompt: Tensor | None,
@@ -58,31 +60,39 @@ class DressingSession:
     ) -> PreparedGarments:
         """Garment features for this generation: from the cache, or one GarmentsNet pass.
 
-        A separate GarmentsNet is brought to the UNet's device and dtype for the pass, and sent back to
-        the CPU after it when `offload_garments_net` (low VRAM); a shared one is the UNet itself.
+        `device`/`dtype` are the sampling device and the UNet's compute dtype. A separate GarmentsNet
+        (and any GFE LoRA) is brought there for the pass; a separate one goes back to the CPU after it
+        when `offload_garments_net` (low VRAM), whatever happened.
         """
         slots = self.opts.slots
-        param = next(unet.parameters())
+        self.device, self.dtype = device, dtype
         canvas = garment_canvas(target_wh, self.opts.resolution)
-        context, note = garment_context(self.model, [s.masked_image() for s in slots], empty_prompt, image_encoder_dir)
         slot_ids = lora_slots(self.model, slots)
-        key = content_key(slots, model_key, canvas, slot_ids, param.dtype, str(param.device), context)
+        key = content_key(slots, model_key, canvas, slot_ids, dtype, str(device), str(image_encoder_dir))
         features = cache.get(key)
         from_cache = features is not None
+        notes: list[str] = []
         if features is None:
-            with torch.no_grad():
-                latents = encode(garment_batch(slots, canvas).to(param.device))
+            images = [s.masked_image() for s in slots]
+            context, note = garment_context(self.model, images, empty_prompt, image_encoder_dir)
+            notes += [note] if note else []
+            if garments_net.lora is not None:
+                garments_net.lora.to(device, dtype)
+            try:
                 if not garments_net.shared:
-                    garments_net.to(param.device, param.dtype)
-                features = garments_net.extract(
-                    latents, slots=slot_ids, context=context, dtype=param.dtype, device=param.device
-                )
-            if offload_garments_net and not garments_net.shared:
-                garments_net.to("cpu")
+                    garments_net.to(device, dtype)
+                with torch.no_grad():
+                    latents = encode(garment_batch(slots, canvas).to(device))
+                    features = garments_net.extract(
+                        latents, slots=slot_ids, context=context, dtype=dtype, device=device
+                    )
+            finally:
+                if offload_garments_net and not garments_net.shared:
+                    garments_net.to("cpu")
             cache.put(key, features)
         latent_hw = (target_wh[1] // 8, target_wh[0] // 8)
         self.prepared = PreparedGarments(
-            features, region_masks(slots, latent_hw), [s.weight for s in slots], from_cache, [note] if note else []
+            features, region_masks(slots, latent_hw), [s.weight for s in slots], from_cache, notes
         )
         return self.prepared
 
@@ -91,8 +101,7 @@ class DressingSession:
         assert self.prepared is not None, "prepare() first"
         remove_dressing(unet)
         if self.model.projections is not None:
-            param = next(unet.parameters())
-            self.model.projections.to(param.device, param.dtype)
+            self.model.projections.to(self.device, self.dtype)
         self.dresser = Dresser(
             unet,
             self.prepared.features,

@@ -7,14 +7,17 @@ A1111 calls on every path (UI and API, success, error or interrupt), removes it 
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
+import torch
 from torch import Tensor
 
 from ..engine import AnyDressingModel, CheckpointError, GarmentsNet, load_checkpoint, remove_dressing
+from ..engine.unet_layers import input_channels
 from ..generation.options import DressingOptions
 from ..generation.prepare import FeatureCache
 from ..generation.session import DressingSession
@@ -31,6 +34,9 @@ class WebUIEnv(Protocol):
     def cache_size(self) -> int: ...
     def image_encoder_dir(self) -> str | None: ...
     def refusal(self, p: Any) -> str | None: ...
+    def device(self) -> torch.device: ...
+    def dtype(self) -> torch.dtype: ...
+    def load_unet(self, p: Any) -> None: ...
     def autocast(self) -> AbstractContextManager: ...
     def encode(self, p: Any, images: Tensor) -> Tensor: ...
     def empty_prompt(self, p: Any) -> Tensor | None: ...
@@ -68,13 +74,20 @@ class Controller:
             p.comment(f"{PREFIX}: garment guidance is not available in the WebUI yet; ignored")
         try:
             model, model_key, label = self._load(opts.model, p)
-            model.check_compatible(unet)
+            channels = input_channels(unet)
+            if channels != 4:
+                raise ValueError(
+                    f"models with {channels} input channels (inpainting, instruct-pix2pix) are not supported yet"
+                )
             session = DressingSession(model, opts)
             self.cache.max_entries = self.env.cache_size()
+            self.env.load_unet(p)
             with self.env.autocast():
                 prepared = session.prepare(
                     unet,
                     self._garments_net_for(model, model_key, p),
+                    device=self.env.device(),
+                    dtype=self.env.dtype(),
                     target_wh=(p.width, p.height),
                     encode=lambda images: self.env.encode(p, images),
                     empty_prompt=self.env.empty_prompt(p),
@@ -85,8 +98,13 @@ class Controller:
                 )
             session.install(unet)
         except (CheckpointError, FileNotFoundError, ImageInputError, ValueError, RuntimeError) as e:
-            remove_dressing(unet)
+            self.finish(unet)
             p.comment(f"{PREFIX}: {e}: generating without dressing")
+            return
+        except Exception as e:  # anything unforeseen still ends as a message, never a traceback in the UI
+            self.finish(unet)
+            p.comment(f"{PREFIX}: unexpected {type(e).__name__}: {e}: generating without dressing")
+            traceback.print_exc()
             return
         self.session = session
         for note in prepared.notes:
@@ -120,17 +138,20 @@ class Controller:
         return self._garments_net[1]
 
     def _load(self, name: str, p: Any) -> tuple[AnyDressingModel, str, str]:
-        """(model, a key for the feature cache, the name + hash for the infotext)."""
+        """(model, a key for the feature cache, the name + hash for the infotext).
+
+        The key holds the base checkpoint too: training-free and partial GarmentsNets use its weights.
+        """
         path = resolve_model(name, self.env.model_dirs())
+        base = getattr(p.sd_model, "sd_model_hash", "")
         if path is None:
-            base = getattr(p.sd_model, "sd_model_hash", "")  # training-free features come from the loaded UNet
             return AnyDressingModel.training_free(), f"{TRAINING_FREE}:{base}", TRAINING_FREE
         stat = path.stat()
         key = (str(path), stat.st_mtime_ns, stat.st_size)
         if self._model is None or self._model[0] != key:
             self._model = (key, load_checkpoint(path), short_hash(path))
             self.cache.clear()
-        return self._model[1], repr(key), f"{path.stem} [{self._model[2]}]"
+        return self._model[1], f"{key}:{base}", f"{path.stem} [{self._model[2]}]"
 
 
 def _close_with(p: Any, cleanup: Callable[[], None]) -> None:

@@ -6,6 +6,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from ..model_files import model_dirs
@@ -56,6 +57,25 @@ class A1111Env:
         if getattr(shared.opts, "hypertile_enable_unet", False) or hires:
             return "Hypertile tiles the self-attention that AnyDressing needs whole; turn off Hypertile U-Net"
         return None
+
+    def device(self) -> torch.device:
+        from modules import devices
+
+        return devices.device
+
+    def dtype(self) -> torch.dtype:
+        from modules import devices
+
+        return devices.dtype_unet
+
+    def load_unet(self, p: Any) -> None:
+        """Under --medvram/--lowvram, let A1111's own offloading hook bring the UNet to the GPU."""
+        from modules import lowvram
+
+        if lowvram.is_enabled(p.sd_model):  # --medvram hooks the whole model; --lowvram each block (runs by itself)
+            for hook in list(p.sd_model.model._forward_pre_hooks.values()):
+                if getattr(hook, "__name__", "") == "send_me_to_gpu":
+                    hook(p.sd_model.model, ())
 
     def autocast(self) -> AbstractContextManager:
         from modules import devices

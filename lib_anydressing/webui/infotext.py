@@ -10,9 +10,9 @@ PREFIX = "AnyDressing"
 
 
 def infotext(opts: DressingOptions, model_label: str, strength: float) -> dict[str, str]:
-    """`model_label` is the model name with its short hash; garments are 'category:hash:weight:region'."""
+    """`model_label` is the model name with its short hash; garments are 'slot:category:hash:weight:region'."""
     garments = ", ".join(
-        f"{slot.category}:{image_digest(slot.masked_image())}:{slot.weight:g}:"
+        f"{slot.index + 1}:{slot.category}:{image_digest(slot.masked_image())}:{slot.weight:g}:"
         + ("box " + " ".join(f"{v:g}" for v in slot.box) if slot.box else slot.region)
         for slot in opts.slots
     )
@@ -37,11 +37,11 @@ def pasted(params: dict[str, str], n_slots: int) -> dict[str, object]:
     start, _, end = params.get(f"{PREFIX} range", "").partition("-")
     if _float(start) is not None and _float(end) is not None:
         values["start"], values["end"] = _float(start), _float(end)
-    entries = [e.strip() for e in params.get(f"{PREFIX} garments", "").split(",") if e.strip()]
-    for i, entry in enumerate(entries[:n_slots]):
-        category, _, rest = entry.partition(":")
-        _, _, rest = rest.partition(":")
-        weight, _, region = rest.partition(":")
+    for entry in params.get(f"{PREFIX} garments", "").split(","):
+        number, category, _, weight, region = [*entry.strip().split(":", 4), "", "", "", "", ""][:5]
+        if not number.isdigit() or not 1 <= int(number) <= n_slots:
+            continue
+        i = int(number) - 1
         if category in CATEGORIES:
             values[f"slot{i}_category"] = category
         if _float(weight) is not None:

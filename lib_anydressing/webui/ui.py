@@ -35,16 +35,11 @@ def build(elem_id, n_slots: int, dirs, refresh) -> tuple[list[Any], list[tuple[A
             )
             components["start"] = gr.Slider(0.0, 1.0, 0.0, step=0.01, label="Start", elem_id=elem_id("start"))
             components["end"] = gr.Slider(0.0, 1.0, 1.0, step=0.01, label="End", elem_id=elem_id("end"))
-        model.change(lambda name: _describe(name, dirs), inputs=[model], outputs=[components["strength"], details])
+        # .input, not .change: a pasted infotext sets the model and its strength; the default must not win
+        model.input(lambda name: _describe(name, dirs), inputs=[model], outputs=[components["strength"], details])
         with gr.Row():
             components["resolution"] = gr.Slider(
                 256, 1024, 512, step=64, label="Garment resolution", elem_id=elem_id("resolution")
-            )
-            components["garment_guidance_enabled"] = gr.Checkbox(
-                False, label="Garment guidance", elem_id=elem_id("gg_enabled")
-            )
-            components["garment_guidance"] = gr.Slider(
-                0.0, 10.0, 2.5, step=0.1, label="Garment guidance scale", elem_id=elem_id("gg")
             )
         with gr.Tabs():
             for i in range(n_slots):
@@ -88,7 +83,7 @@ def _describe(name: str, dirs) -> tuple[Any, str]:
 
 
 def _pastable(name: str) -> bool:
-    return not name.endswith(("_image", "_mask")) and "garment_guidance" not in name
+    return not name.endswith(("_image", "_mask"))
 
 
 def _paste(name: str, n_slots: int):
