@@ -52,5 +52,7 @@ def add_xyz_axes():
 
 script_callbacks.on_before_ui(add_xyz_axes)
 script_callbacks.on_cfg_denoiser(controller.on_cfg_denoiser)
+script_callbacks.on_cfg_denoised(controller.on_cfg_denoised)
+script_callbacks.on_cfg_after_cfg(controller.on_cfg_after_cfg)
 script_callbacks.on_ui_settings(env.register_settings)
 script_callbacks.on_script_unloaded(lambda: controller.finish())

@@ -11,6 +11,7 @@ the unconditional rows (skip uncond).
 from __future__ import annotations
 
 import contextlib
+import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,7 @@ class FakeSdModel:
 @dataclass
 class FakeP:
     sd_model: Any
+    cfg_scale: float = 7.0
     width: int = LATENT[1] * 8
     height: int = LATENT[0] * 8
     extra_generation_params: dict = field(default_factory=dict)
@@ -276,7 +278,7 @@ def test_positional_script_args_as_the_ui_sends_them():
     values = dict.fromkeys(names)
     values.update(
         enabled=True, model=TRAINING_FREE, strength=0.9, start=0.0, end=1.0, resolution=512,
-        slot0_image=_garments()[1]["image"],
+        garment_guidance_enabled=False, garment_guidance=2.5, slot0_image=_garments()[1]["image"],
         slot0_category="dress", slot0_weight=1.2, slot0_region="box", slot0_box_x0=0.1, slot0_box_y0=0.2,
         slot0_box_x1=0.9, slot0_box_y1=0.8, slot1_region="none",
     )  # fmt: skip
@@ -390,3 +392,66 @@ def test_separate_garments_net_is_built_once_per_model_and_base(setup, tmp_path)
     controller.process(FakeP(p.sd_model), _opts(model="own"))
     assert controller._garments_net[1] is not built
     controller.finish(unet)
+
+
+def a1111_cfg_forward(controller, unet, x, cond, uncond, cond_scale, skip_uncond=False):
+    """CFGDenoiser.forward of A1111 1.10 for one prompt per image: the callbacks, the skip, the combine."""
+    batch = x.shape[0]
+    x_in, sigma_in = torch.cat([x, x]), torch.full((2 * batch,), 500.0)
+    params = CFGParams(x_in, None, sigma_in, 3, 10, cond, uncond, types.SimpleNamespace(nmask=None))
+    controller.on_cfg_denoiser(params)
+    x_in, sigma_in, tensor, uncond = params.x, params.sigma, params.text_cond, params.text_uncond
+    if skip_uncond:
+        x_in, sigma_in = x_in[:-batch], sigma_in[:-batch]
+    cond_in = tensor if skip_uncond else torch.cat([tensor, uncond])
+    with torch.no_grad():
+        x_out = unet(x_in, sigma_in, context=cond_in)
+    controller.on_cfg_denoised(types.SimpleNamespace(x=x_out, sampling_step=3, total_sampling_steps=10))
+    if skip_uncond:
+        x_out = torch.cat([x_out, x_out[:batch]])
+    denoised = x_out[-batch:] + (x_out[:batch] - x_out[-batch:]) * cond_scale
+    after = types.SimpleNamespace(x=denoised, sampling_step=3, total_sampling_steps=10)
+    controller.on_cfg_after_cfg(after)
+    return after.x
+
+
+def test_garment_guidance_gives_magicclothing_joint_guidance(setup):
+    controller, p, unet = setup
+    p.cfg_scale, garment_scale = 6.0, 2.5
+    x, cond, uncond = _batch([1, 1])
+    controller.process(p, _opts(garment_guidance=garment_scale))
+    assert not p.comments, p.comments
+    got = a1111_cfg_forward(controller, unet, x, cond, uncond, p.cfg_scale)
+    session = controller.session
+    controller.finish(unet)
+    # the three predictions MagicClothing combines, computed row by row with explicit garments
+    prepared = session.prepared
+    reference = Dresser(
+        unet, prepared.features, None, strength=session.strength, weights=prepared.weights, regions=prepared.regions
+    )
+    t = torch.full((2,), 500.0)
+    with torch.no_grad():
+        plain_uncond = unet(x, t, context=uncond)
+        with reference:
+            text = unet(x, t, context=cond)
+            garments_only = unet(x, t, context=uncond)
+    want = plain_uncond + p.cfg_scale * (text - garments_only) + garment_scale * (garments_only - plain_uncond)
+    torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
+    # without garment guidance the same step is A1111's own combine, dressed
+    controller.process(FakeP(p.sd_model), _opts())
+    plain = a1111_cfg_forward(controller, unet, x, cond, uncond, p.cfg_scale)
+    controller.finish(unet)
+    torch.testing.assert_close(plain, plain_uncond + p.cfg_scale * (text - plain_uncond), atol=1e-3, rtol=1e-4)
+
+
+def test_garment_guidance_steps_aside_when_uncond_is_skipped(setup):
+    controller, p, unet = setup
+    p.cfg_scale = 6.0
+    x, cond, uncond = _batch([1])
+    controller.process(p, _opts(garment_guidance=2.5))
+    skipped = a1111_cfg_forward(controller, unet, x, cond, uncond, p.cfg_scale, skip_uncond=True)
+    controller.finish(unet)
+    controller.process(FakeP(p.sd_model), _opts())
+    plain = a1111_cfg_forward(controller, unet, x, cond, uncond, p.cfg_scale, skip_uncond=True)
+    controller.finish(unet)
+    torch.testing.assert_close(skipped, plain, atol=1e-4, rtol=1e-4)  # no correction without a real uncond

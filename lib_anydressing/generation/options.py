@@ -187,6 +187,8 @@ def from_script_args(args: Sequence[Any], n_slots: int) -> DressingOptions:
     names = script_arg_names(n_slots)
     values = dict(zip(names, args, strict=False))  # API callers may pass fewer values: defaults follow
     general = {k: values[k] for k in GENERAL_FIELDS if values.get(k) is not None}
+    if not values.get("garment_guidance_enabled"):
+        general.pop("garment_guidance", None)
     slots = []
     for i in range(n_slots):
         slot = {f: values.get(f"slot{i}_{f}") for f in SLOT_FIELDS if f != "box"}
@@ -198,7 +200,8 @@ def from_script_args(args: Sequence[Any], n_slots: int) -> DressingOptions:
 
 def script_arg_names(n_slots: int) -> list[str]:
     """The order of the values the UI hands to the script: general settings, then each slot's."""
-    general = ["enabled", "model", "strength", "start", "end", "resolution"]
+    general = ["enabled", "model", "strength", "start", "end", "resolution", "garment_guidance_enabled"]
+    general.append("garment_guidance")
     per_slot = ["image", "mask", "category", "weight", "region", "box_x0", "box_y0", "box_x1", "box_y1"]
     return general + [f"slot{i}_{name}" for i in range(n_slots) for name in per_slot]
 

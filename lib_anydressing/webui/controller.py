@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..engine import AnyDressingModel, CheckpointError, GarmentsNet, load_checkpoint, remove_dressing
 from ..engine.unet_layers import input_channels
+from ..generation.garment_guidance import GarmentGuidance
 from ..generation.options import DressingOptions
 from ..generation.prepare import FeatureCache
 from ..generation.session import DressingSession
@@ -49,6 +50,9 @@ class Controller:
         self.env = env
         self.cache = FeatureCache(env.cache_size())
         self.session: DressingSession | None = None
+        self.guidance: GarmentGuidance | None = None
+        self.cfg_scale = 7.0
+        self._nmask: Tensor | None = None
         self._model: tuple[tuple, AnyDressingModel, str] | None = None  # (file identity, model, short hash)
         self._garments_net: tuple[tuple, GarmentsNet] | None = None  # built once per model file and base weights
 
@@ -70,8 +74,6 @@ class Controller:
         if refusal:
             p.comment(f"{PREFIX}: {refusal}: generating without dressing")
             return
-        if opts.garment_guidance is not None:
-            p.comment(f"{PREFIX}: garment guidance is not available in the WebUI yet; ignored")
         try:
             model, model_key, label = self._load(opts.model, p)
             channels = input_channels(unet)
@@ -107,6 +109,8 @@ class Controller:
             traceback.print_exc()
             return
         self.session = session
+        self.cfg_scale = float(getattr(p, "cfg_scale", 7.0))
+        self.guidance = None if opts.garment_guidance is None else GarmentGuidance(opts.garment_guidance)
         for note in prepared.notes:
             p.comment(f"{PREFIX}: {note}")
         p.extra_generation_params.update(infotext(opts, label, session.strength))
@@ -117,14 +121,27 @@ class Controller:
         if self.session is None:
             return
         cond = params.text_cond
-        n_cond = (next(iter(cond.values())) if isinstance(cond, dict) else cond).shape[0]
-        self.session.on_step(params.sampling_step, params.total_sampling_steps, n_cond)
+        self._nmask = getattr(params.denoiser, "nmask", None)  # inpainting: only the generated area changes
+        if self.guidance is not None and isinstance(cond, Tensor):
+            n_dressed = self.guidance.expand(params)
+        else:
+            n_dressed = (next(iter(cond.values())) if isinstance(cond, dict) else cond).shape[0]
+        self.session.on_step(params.sampling_step, params.total_sampling_steps, n_dressed)
+
+    def on_cfg_denoised(self, params: Any) -> None:
+        if self.session is not None and self.guidance is not None:
+            self.guidance.collect(params.x)
+
+    def on_cfg_after_cfg(self, params: Any) -> None:
+        if self.session is not None and self.guidance is not None:
+            params.x = self.guidance.correct(params.x, self.cfg_scale, self._nmask)
 
     def finish(self, unet: Any = None) -> None:
         """Take everything off the UNet: after a generation, an error, or when the script unloads."""
         if self.session is not None:
             self.session.close()
             self.session = None
+        self.guidance = None
         if unet is not None:
             remove_dressing(unet)
 

@@ -41,6 +41,13 @@ def build(elem_id, n_slots: int, dirs, refresh) -> tuple[list[Any], list[tuple[A
             components["resolution"] = gr.Slider(
                 256, 1024, 512, step=64, label="Garment resolution", elem_id=elem_id("resolution")
             )
+        with gr.Row():
+            components["garment_guidance_enabled"] = gr.Checkbox(
+                False, label="Garment guidance (separate scale, one more UNet row per image)", elem_id=elem_id("gg")
+            )
+            components["garment_guidance"] = gr.Slider(
+                0.0, 10.0, 2.5, step=0.1, label="Garment guidance scale", elem_id=elem_id("gg_scale")
+            )
         with gr.Tabs():
             for i in range(n_slots):
                 with gr.Tab(f"Garment {i + 1}"):
