@@ -17,3 +17,12 @@ def build_tabs(sam_dirs: Callable[[], list[Path]], output_dir: Path) -> gr.Block
     with gr.Blocks(analytics_enabled=False, title="AnyDressing") as blocks, gr.Tabs(), gr.Tab("Segment garment"):
         segment_tab.build(sam_dirs, output_dir)
     return blocks
+
+
+def standalone_app(sam_dirs: Callable[[], list[Path]], output_dir: Path) -> gr.Blocks:
+    """The tabs plus the extension's javascript/, which the WebUI would otherwise load itself."""
+    blocks = build_tabs(sam_dirs, output_dir)
+    scripts = "\n".join(p.read_text() for p in sorted((ROOT / "javascript").glob("*.js")))
+    with blocks:
+        blocks.load(None, None, None, _js=f"() => {{ {scripts} }}")
+    return blocks

@@ -15,8 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from .app import EXTENSION_SAM_DIR, build_tabs
+    from .app import EXTENSION_SAM_DIR, standalone_app
 
     dirs = [EXTENSION_SAM_DIR, *args.sam_dir]
-    build_tabs(lambda: dirs, args.outputs).queue().launch(server_name=args.host, server_port=args.port)
+    standalone_app(lambda: dirs, args.outputs).queue().launch(server_name=args.host, server_port=args.port)
     return 0
