@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
+from typing import Any
+
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 MAX_PIXELS = 64_000_000  # refuse decompression bombs rather than exhausting memory
@@ -63,3 +68,24 @@ def tensor_to_image(x: Tensor) -> Image.Image:
     """(3, H, W) in [-1, 1] -> RGB image."""
     a = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
     return Image.fromarray(a, "RGB")
+
+
+def load_image(value: Any) -> Image.Image:
+    """A PIL image from a PIL image, a numpy array (gradio) or a base64 string (API, with or without data: URL)."""
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, dict) and "image" in value:  # gradio sketch/editor value
+        return load_image(value["image"])
+    if hasattr(value, "__array__"):
+        return Image.fromarray(value)
+    if isinstance(value, str):
+        data = value.split(",", 1)[1] if value.startswith("data:") else value
+        try:
+            image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
+            image.load()
+        except (binascii.Error, ValueError) as e:
+            raise ImageInputError("the image is not valid base64") from e
+        except (UnidentifiedImageError, OSError) as e:
+            raise ImageInputError("the data is not an image PIL can read") from e
+        return image
+    raise ImageInputError(f"expected an image, got {type(value).__name__}")

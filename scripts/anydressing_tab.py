@@ -4,7 +4,9 @@ from pathlib import Path
 
 from modules import paths, script_callbacks
 
+from lib_anydressing.segment import api
 from lib_anydressing.ui.app import EXTENSION_SAM_DIR, build_tabs
+from lib_anydressing.ui.segment_tab import SEGMENTER
 
 
 def sam_dirs() -> list[Path]:
@@ -16,3 +18,4 @@ def on_ui_tabs():
 
 
 script_callbacks.on_ui_tabs(on_ui_tabs)
+script_callbacks.on_app_started(lambda demo, app: api.register(app, SEGMENTER, sam_dirs))

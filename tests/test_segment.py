@@ -213,3 +213,88 @@ def test_bench_sam_reports_both_latencies_from_one_run(tiny_sam_file, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["encoder_runs"] == 2  # only the re-encoded clicks ran the image encoder
     assert result["click_latency_ms"] > 0 and result["reencode_latency_ms"] > 0 and result["variant"] == "custom"
+
+
+def test_batch_folder_reports_every_file_and_never_stops(tmp_path):
+    from lib_anydressing.segment.batch import Template, segment_folder
+    from lib_anydressing.segment.session import MaskEdits
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    image, truth = _scene()
+    Image.fromarray(image).save(photos / "a_good.png")
+    Image.fromarray(image[:, ::-1]).save(photos / "b_good.jpg", quality=95)
+    (photos / "c_corrupt.png").write_bytes(b"\x89PNG not really")
+    Image.new("RGB", (1, 1)).save(photos / "d_tiny.png")
+    (photos / "e_notes.txt").write_text("hello")
+    Image.new("CMYK", (60, 40), (0, 255, 255, 0)).save(photos / "f_cmyk.jpg")
+    seen = []
+    report = dict(
+        segment_folder(
+            photos,
+            tmp_path / "out",
+            Template.largest_object(),
+            Segmenter(),
+            MaskEdits(),
+            256,
+            progress=lambda i, n, name: seen.append((i, n)),
+        )  # fmt: skip
+    )
+    assert set(report) == {"a_good.png", "b_good.jpg", "c_corrupt.png", "d_tiny.png", "e_notes.txt", "f_cmyk.jpg"}
+    assert report["a_good.png"].startswith("saved") and report["b_good.jpg"].startswith("saved")
+    assert report["c_corrupt.png"].startswith("skipped") and report["e_notes.txt"] == "skipped: not an image file"
+    assert report["d_tiny.png"].startswith(("saved", "skipped"))
+    assert seen[0] == (0, 6) and len(seen) == 6
+    mask = np.asarray(Image.open(tmp_path / "out" / "a_good-mask.png")) > 127
+    assert (mask & truth).sum() / (mask | truth).sum() >= 0.85
+    with pytest.raises(ValueError, match="not a folder"):
+        segment_folder(tmp_path / "nope", tmp_path, Template.largest_object(), Segmenter(), MaskEdits())
+
+
+def test_template_from_clicks_scales_to_other_sizes():
+    from lib_anydressing.segment.batch import Template
+    from lib_anydressing.segment.session import BOX, POSITIVE, SegmentState
+
+    st = SegmentState()
+    with pytest.raises(ValueError, match="click on a photo first"):
+        Template.from_state(st)
+    st.set_image(np.zeros((100, 200, 3), np.uint8))
+    st.click(50, 25, POSITIVE)
+    st.click(20, 10, BOX)
+    st.click(180, 90, BOX)
+    points, labels, box = Template.from_state(st).on(400, 200)
+    assert points == [(100.0, 50.0)] and labels == [1] and box == (40.0, 20.0, 360.0, 180.0)
+
+
+def test_segment_route_over_http(tiny_sam_file):
+    import base64
+    import io
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from lib_anydressing.segment.api import ROUTE, register
+
+    app = FastAPI()
+    register(app, Segmenter(), lambda: [tiny_sam_file.parent])
+    client = TestClient(app)
+    image, truth = _scene()
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    photo = base64.b64encode(buf.getvalue()).decode()
+    answer = client.post(ROUTE, json={"image": photo, "box": [25, 15, 105, 85]})
+    assert answer.status_code == 200 and answer.json()["engine"] == GRABCUT
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer.json()["mask"])))) > 0
+    assert (mask & truth).sum() / (mask | truth).sum() >= 0.9
+    sam = client.post(ROUTE, json={"image": photo, "points": [[60, 50]], "model": "tiny_sam.pth"}).json()
+    assert sam["engine"].startswith("SAM custom") and len(sam["scores"]) == 3
+    for bad, message in (
+        ({"box": [1, 2, 3, 4]}, "'image'"),
+        ({"image": "%%%", "box": [1, 2, 3, 4]}, "not valid base64"),
+        ({"image": photo}, "give 'points' or a 'box'"),
+        ({"image": photo, "points": [[1, 2]], "labels": [3]}, "one label"),
+        ({"image": photo, "box": [5, 5, 1, 1]}, "x0 < x1"),
+        ({"image": photo, "box": [0, 0, 9, 9], "model": "vit_h.pth"}, "no SAM model 'vit_h.pth'"),
+    ):
+        response = client.post(ROUTE, json=bad)
+        assert response.status_code == 422 and message in response.json()["detail"], response.json()

@@ -6,16 +6,13 @@ input, so the WebUI can show the messages and go on without dressing.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from ..images import ImageInputError, to_rgb_and_mask
+from ..images import ImageInputError, load_image, to_rgb_and_mask
 from ..model_files import TRAINING_FREE
 
 CATEGORIES = ("upper", "lower", "dress", "hat", "shoes", "bag", "other")
@@ -101,9 +98,9 @@ def _slot(index: int, values: dict[str, Any], problems: list[str]) -> GarmentSlo
     if raw is None or raw == "":
         return None  # an empty slot is not a problem
     try:
-        image, alpha = to_rgb_and_mask(_image(raw))
+        image, alpha = to_rgb_and_mask(load_image(raw))
         mask = values.get("mask")
-        mask_image = _mask(_image(mask), image.size, where) if mask not in (None, "") else alpha
+        mask_image = _mask(load_image(mask), image.size, where) if mask not in (None, "") else alpha
     except (ImageInputError, ValueError) as e:
         problems.append(f"{where}: {e}")
         return None
@@ -120,27 +117,6 @@ def _slot(index: int, values: dict[str, Any], problems: list[str]) -> GarmentSlo
     elif region == "box":
         box = _box(values.get("box"), where, problems)
     return GarmentSlot(image, mask_image, category, 1.0 if weight is None else weight, region, box, index - 1)
-
-
-def _image(value: Any) -> Image.Image:
-    """A PIL image from a PIL image, a numpy array (gradio) or a base64 string (API, with or without data: URL)."""
-    if isinstance(value, Image.Image):
-        return value
-    if isinstance(value, dict) and "image" in value:  # gradio sketch/editor value
-        return _image(value["image"])
-    if hasattr(value, "__array__"):
-        return Image.fromarray(value)
-    if isinstance(value, str):
-        data = value.split(",", 1)[1] if value.startswith("data:") else value
-        try:
-            image = Image.open(io.BytesIO(base64.b64decode(data, validate=True)))
-            image.load()
-        except (binascii.Error, ValueError) as e:
-            raise ImageInputError("the image is not valid base64") from e
-        except (UnidentifiedImageError, OSError) as e:
-            raise ImageInputError("the data is not an image PIL can read") from e
-        return image
-    raise ImageInputError(f"expected an image, got {type(value).__name__}")
 
 
 def _mask(image: Image.Image, size: tuple[int, int], where: str) -> Image.Image:

@@ -12,12 +12,14 @@ import torch
 from PIL import Image
 
 from ..images import ImageInputError
+from ..segment.batch import Template, segment_folder
 from ..segment.outputs import free_path
 from ..segment.sam_models import SamModelError, find_sam_files
 from ..segment.segmenter import GRABCUT, SAM_HINT, Segmenter, as_rgb_array
 from ..segment.session import BOX, NEGATIVE, POSITIVE, MaskEdits, SegmentState
 
 SEGMENTER = Segmenter()  # one SAM model per process, freed on request
+LARGEST, FROM_PHOTO = "largest object", "the prompts clicked on the photo above"
 
 
 def build(sam_dirs: Callable[[], list[Path]], output_dir: Path) -> None:
@@ -61,6 +63,14 @@ def build(sam_dirs: Callable[[], list[Path]], output_dir: Path) -> None:
         square_size = gr.Radio([512, 768], value=512, label="Square size")
         save = gr.Button("Save to outputs", variant="primary")
         saved = gr.Markdown()
+
+    with gr.Accordion("Batch: a whole folder", open=False):
+        with gr.Row():
+            batch_in = gr.Textbox(label="Folder of photos")
+            batch_out = gr.Textbox(str(output_dir / "batch"), label="Output folder")
+            template = gr.Radio([LARGEST, FROM_PHOTO], value=LARGEST, label="Prompt for every photo")
+        batch_run = gr.Button("Run on the folder")
+        batch_report = gr.Dataframe(headers=["file", "result"], interactive=False, wrap=True)
 
     edits_inputs = [grow, feather, fill, largest, invert, choice, square_size]
     views = [preview, candidates, cutout_out, mask_out, square_out, status]
@@ -133,6 +143,20 @@ def build(sam_dirs: Callable[[], list[Path]], output_dir: Path) -> None:
     for component in edits_inputs:
         component.change(lambda st, *e: render(st, *e), [state, *edits_inputs], views)
     save.click(on_save, [state, *edits_inputs], [saved])
+
+    def on_batch(st: SegmentState, folder, out, which, *edits, progress=gr.Progress()):  # noqa: B008
+        try:
+            chosen = Template.largest_object() if which == LARGEST else Template.from_state(st)
+            report = segment_folder(
+                Path(folder.strip()), Path(out.strip()), chosen, SEGMENTER,
+                MaskEdits(int(edits[0]), int(edits[1]), *edits[2:5]), int(edits[6]),
+                lambda i, n, name: progress((i, n), desc=name),
+            )  # fmt: skip
+        except ValueError as e:
+            return [["(batch)", f"not run: {e}"]]
+        return [list(row) for row in report]
+
+    batch_run.click(on_batch, [state, batch_in, batch_out, template, *edits_inputs], [batch_report])
 
 
 def _choices(sam_dirs: Callable[[], list[Path]]) -> list[str]:

@@ -1,0 +1,64 @@
+"""HTTP route for segmentation: POST /anydressing/v1/segment {image, points, labels, box, model} -> mask PNG."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from ..images import ImageInputError, load_image
+from .sam_models import SamModelError, find_sam_files
+from .segmenter import GRABCUT, Segmenter, as_rgb_array
+
+ROUTE = "/anydressing/v1/segment"
+
+
+def segment_request(data: dict[str, Any], segmenter: Segmenter, sam_dirs: Callable[[], list[Path]]) -> dict[str, Any]:
+    """The route's work, free of FastAPI; a ValueError carries the message for a 422 answer."""
+    if not isinstance(data, dict) or "image" not in data:
+        raise ValueError("send a JSON object with 'image' (base64) and 'points' and/or 'box'")
+    try:
+        image = as_rgb_array(load_image(data["image"]))
+    except ImageInputError as e:
+        raise ValueError(f"image: {e}") from e
+    points = [tuple(map(float, p)) for p in data.get("points") or []]
+    labels = [int(v) for v in data.get("labels") or [1] * len(points)]
+    if any(len(p) != 2 for p in points) or len(labels) != len(points) or any(v not in (0, 1) for v in labels):
+        raise ValueError("'points' must be [[x, y], ...] with one label 1 (include) or 0 (exclude) each")
+    box = data.get("box")
+    if box is not None and (len(box) != 4 or not float(box[0]) < float(box[2]) or not float(box[1]) < float(box[3])):
+        raise ValueError("'box' must be [x0, y0, x1, y1] in pixels with x0 < x1 and y0 < y1")
+    if not points and box is None:
+        raise ValueError("give 'points' or a 'box'")
+    model = data.get("model") or GRABCUT
+    try:
+        files = find_sam_files(sam_dirs())
+        if model != GRABCUT and model not in files:
+            raise ValueError(f"no SAM model '{model}' (found: {', '.join(files) or 'none'})")
+        segmenter.load(None if model == GRABCUT else files[model], str(data.get("device") or "cpu"))
+    except SamModelError as e:
+        raise ValueError(str(e)) from e
+    result = segmenter.segment(image, points, labels, None if box is None else tuple(map(float, box)))
+    buffer = io.BytesIO()
+    Image.fromarray(result.mask.astype("uint8") * 255, "L").save(buffer, format="PNG")
+    answer: dict[str, Any] = {"mask": base64.b64encode(buffer.getvalue()).decode(), "engine": result.engine}
+    if result.candidates is not None:
+        answer["scores"] = [float(s) for s in result.candidates.scores]
+    return answer
+
+
+def register(app: Any, segmenter: Segmenter, sam_dirs: Callable[[], list[Path]]) -> None:
+    """Add the route to the WebUI's FastAPI app (from on_app_started)."""
+    from fastapi import Body, HTTPException
+
+    def segment(data: dict = Body(...)) -> dict:  # noqa: B008 (FastAPI's way to take a raw JSON body)
+        try:
+            return segment_request(data, segmenter, sam_dirs)
+        except ValueError as e:
+            raise HTTPException(status_code=422, detail=str(e)) from e
+
+    app.add_api_route(ROUTE, segment, methods=["POST"])
