@@ -298,3 +298,26 @@ def test_segment_route_over_http(tiny_sam_file):
     ):
         response = client.post(ROUTE, json=bad)
         assert response.status_code == 422 and message in response.json()["detail"], response.json()
+
+
+def test_brush_strokes_override_the_mask():
+    from lib_anydressing.segment.session import BOX, MaskEdits, SegmentState
+
+    image, truth = _scene()
+    st = SegmentState()
+    st.set_image(image)
+    strokes = np.zeros((48, 64), bool)  # painted on a half-size canvas: scaled to the photo
+    strokes[0:5, 0:5] = True
+    st.paint(strokes, add=True)
+    assert st.mask(MaskEdits())[0:10, 0:10].all() and st.mask(MaskEdits()).sum() == 100  # a mask from the brush alone
+    st.click(25, 15, BOX)
+    st.click(105, 85, BOX)
+    st.run(Segmenter())
+    hole = np.zeros_like(truth)
+    hole[45:55, 60:70] = True
+    st.paint(hole, add=False)
+    mask = st.mask(MaskEdits(fill_holes=True))
+    assert not mask[45:55, 60:70].any(), "a subtracted stroke wins over fill holes"
+    assert mask[0:10, 0:10].all() and mask[30, 65]
+    st.paint(hole, add=True)
+    assert st.mask(MaskEdits())[45:55, 60:70].all()

@@ -86,3 +86,38 @@ def test_click_on_garment_shows_mask(server):
     assert beside_click[2] > 120 and beside_click[0] < 180, f"the object should be tinted blue: {beside_click}"
     marker = shot[: h // 8, : w // 8].reshape(-1, 3)
     assert ((marker[:, 0] > 180) & (marker[:, 1] < 60)).any(), "the right-click should draw a red negative point"
+
+
+def test_brush_stroke_subtracts_from_the_mask(server):
+    url, tmp = server
+    _photo(tmp / "photo.png")
+    with playwright.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1600})
+        page.goto(url)
+        page.locator("#anydressing_segment_photo input[type=file]").set_input_files(str(tmp / "photo.png"))
+        shown = page.locator("#anydressing_segment_photo img")
+        shown.wait_for(timeout=30000)
+        box = shown.bounding_box()
+        page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        page.locator("#anydressing_segment_cutout img").wait_for(timeout=60000)
+        page.get_by_text("Brush: paint over the preview").click()
+        page.get_by_role("button", name="Load the preview to paint on").click()
+        canvas = page.locator("#anydressing_segment_brush canvas").last
+        page.wait_for_timeout(2000)
+        c = canvas.bounding_box()
+        page.mouse.move(c["x"] + c["width"] * 0.15, c["y"] + c["height"] / 2)
+        page.mouse.down()
+        page.mouse.move(c["x"] + c["width"] * 0.85, c["y"] + c["height"] / 2, steps=30)
+        page.mouse.up()
+        page.wait_for_timeout(800)
+        page.get_by_role("button", name="Subtract strokes from the mask").click()
+        page.wait_for_timeout(3000)
+        page.locator("#anydressing_segment_preview img").screenshot(path=str(tmp / "brushed.png"))
+        browser.close()
+    shot = np.asarray(Image.open(tmp / "brushed.png").convert("RGB")).astype(int)
+    h, w = shot.shape[:2]
+    on_stroke = shot[h // 2 - 3 : h // 2 + 3, w // 3 : w // 3 + 6].reshape(-1, 3).mean(0)
+    off_stroke = shot[h // 3 - 3 : h // 3 + 3, w // 2 - 3 : w // 2 + 3].reshape(-1, 3).mean(0)
+    assert on_stroke[0] > 180 and on_stroke[2] < 90, f"under the stroke the garment is out of the mask: {on_stroke}"
+    assert off_stroke[2] > 120, f"elsewhere the garment stays in the mask: {off_stroke}"

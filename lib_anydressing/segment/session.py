@@ -36,6 +36,8 @@ class SegmentState:
     history: list[str] = field(default_factory=list)  # "point" / "box": what undo takes back
     result: Result | None = None
     choice: int | None = None  # a candidate chosen by the user instead of the best
+    added: np.ndarray | None = None  # brush strokes forced into / out of the mask, over everything else
+    removed: np.ndarray | None = None
 
     def set_image(self, image: np.ndarray | None) -> None:
         self.__init__()
@@ -79,11 +81,26 @@ class SegmentState:
         self.result = segmenter.segment(self.image, self.points, self.labels, self.box, previous)
         return self.result
 
+    def paint(self, strokes: np.ndarray, add: bool) -> None:
+        """Brush strokes (any size: scaled to the photo) added to or taken out of the mask for good."""
+        if self.image is None:
+            return
+        h, w = self.image.shape[:2]
+        if strokes.shape != (h, w):
+            strokes = np.asarray(Image.fromarray(strokes.astype(np.uint8) * 255).resize((w, h), Image.NEAREST)) > 0
+        empty = np.zeros((h, w), dtype=bool)
+        if add:
+            self.added = mt.paint(empty if self.added is None else self.added, strokes, add=True)
+            self.removed = None if self.removed is None else mt.paint(self.removed, strokes, add=False)
+        else:
+            self.removed = mt.paint(empty if self.removed is None else self.removed, strokes, add=True)
+            self.added = None if self.added is None else mt.paint(self.added, strokes, add=False)
+
     def mask(self, edits: MaskEdits) -> np.ndarray | None:
-        """The chosen candidate (or the best), after the edits; float alpha when feathered."""
-        if self.result is None:
+        """The chosen candidate (or the best), after the edits and the brush; float alpha when feathered."""
+        if self.result is None and self.added is None:
             return None
-        raw = self.result.mask
+        raw = self.result.mask if self.result is not None else np.zeros(self.image.shape[:2], dtype=bool)
         if self.choice is not None and self.result.candidates is not None:
             raw = self.result.candidates.masks[self.choice]
         m = mt.grow(raw, edits.grow)
@@ -93,6 +110,10 @@ class SegmentState:
             m = mt.largest_component(m)
         if edits.invert:
             m = mt.invert(m)
+        if self.added is not None:
+            m = mt.paint(m, self.added, add=True)
+        if self.removed is not None:
+            m = mt.paint(m, self.removed, add=False)
         return mt.feather(m, edits.feather) if edits.feather > 0 else m
 
     def overlay(self, edits: MaskEdits) -> Image.Image | None:

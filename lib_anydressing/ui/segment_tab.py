@@ -54,6 +54,13 @@ def build(sam_dirs: Callable[[], list[Path]], output_dir: Path) -> None:
                 fill = gr.Checkbox(False, label="Fill holes")
                 largest = gr.Checkbox(False, label="Largest part only")
                 invert = gr.Checkbox(False, label="Invert")
+    with gr.Accordion("Brush: paint over the preview, then add or subtract", open=False):
+        brush = gr.Image(label="Paint here", tool="sketch", type="numpy", source="upload", interactive=True,
+                         elem_id="anydressing_segment_brush")  # fmt: skip
+        with gr.Row():
+            brush_add = gr.Button("Add strokes to the mask")
+            brush_sub = gr.Button("Subtract strokes from the mask")
+            brush_load = gr.Button("Load the preview to paint on")
     with gr.Row():
         cutout_out = gr.Image(label="Cutout (RGBA)", type="pil", image_mode="RGBA", interactive=False,
                               elem_id="anydressing_segment_cutout")  # fmt: skip
@@ -144,6 +151,19 @@ def build(sam_dirs: Callable[[], list[Path]], output_dir: Path) -> None:
         component.change(lambda st, *e: render(st, *e), [state, *edits_inputs], views)
     save.click(on_save, [state, *edits_inputs], [saved])
 
+    def on_brush(add: bool):
+        def handler(st: SegmentState, painted, *edits):
+            if isinstance(painted, dict) and painted.get("mask") is not None:
+                strokes = np.asarray(painted["mask"])
+                st.paint((strokes[..., 0] if strokes.ndim == 3 else strokes) > 0, add)
+            return (st, *render(st, *edits))
+
+        return handler
+
+    brush_add.click(on_brush(True), [state, brush, *edits_inputs], [state, *views])
+    brush_sub.click(on_brush(False), [state, brush, *edits_inputs], [state, *views])
+    brush_load.click(lambda st, *e: st.overlay(_edits(e)), [state, *edits_inputs], [brush])
+
     def on_batch(st: SegmentState, folder, out, which, *edits, progress=gr.Progress()):  # noqa: B008
         try:
             chosen = Template.largest_object() if which == LARGEST else Template.from_state(st)
@@ -157,6 +177,10 @@ def build(sam_dirs: Callable[[], list[Path]], output_dir: Path) -> None:
         return [list(row) for row in report]
 
     batch_run.click(on_batch, [state, batch_in, batch_out, template, *edits_inputs], [batch_report])
+
+
+def _edits(values) -> MaskEdits:
+    return MaskEdits(int(values[0]), int(values[1]), *values[2:5])
 
 
 def _choices(sam_dirs: Callable[[], list[Path]]) -> list[str]:
