@@ -30,8 +30,9 @@ class AnyDressingScript(scripts.Script):
 
     def ui(self, is_img2img):
         self.n_slots = env.max_slots()  # the args follow the UI as built, until the UI is reloaded
+        tab = "img2img" if is_img2img else "txt2img"
         components, self.infotext_fields = ui.build(
-            self.elem_id, self.n_slots, controller.env.model_dirs(), refresh_models
+            self.elem_id, self.n_slots, controller.env.model_dirs(), refresh_models, tab
         )
         return components
 

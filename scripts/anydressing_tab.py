@@ -6,16 +6,38 @@ from modules import paths, script_callbacks
 
 from lib_anydressing.segment import api
 from lib_anydressing.ui.app import EXTENSION_SAM_DIR, build_tabs
-from lib_anydressing.ui.segment_tab import SEGMENTER
+from lib_anydressing.ui.segment_tab import SEGMENTER, SendTarget
+from lib_anydressing.webui.ui import SLOT_IMAGES
+
+INPAINT_UPLOAD = {}  # A1111's img2img "Inpaint upload" photo and mask, caught as they are created
 
 
 def sam_dirs() -> list[Path]:
     return [EXTENSION_SAM_DIR, Path(paths.models_path) / "sam"]
 
 
+def catch_inpaint_upload(component, **kwargs):
+    if kwargs.get("elem_id") in ("img_inpaint_base", "img_inpaint_mask"):
+        INPAINT_UPLOAD[kwargs["elem_id"]] = component
+
+
+def send_targets() -> list[SendTarget]:
+    targets = [
+        SendTarget(f"{tab} garment {i + 1}", [image], f"switch_to_{tab}()")
+        for tab in ("txt2img", "img2img")
+        for i, image in enumerate(SLOT_IMAGES.get(tab, []))
+    ]
+    if len(INPAINT_UPLOAD) == 2:
+        pair = [INPAINT_UPLOAD["img_inpaint_base"], INPAINT_UPLOAD["img_inpaint_mask"]]
+        targets.append(SendTarget("img2img inpaint upload (photo + mask)", pair, "switch_to_img2img_tab(4)"))
+    return targets
+
+
 def on_ui_tabs():
-    return [(build_tabs(sam_dirs, Path(paths.data_path) / "outputs" / "anydressing"), "AnyDressing", "anydressing")]
+    output_dir = Path(paths.data_path) / "outputs" / "anydressing"
+    return [(build_tabs(sam_dirs, output_dir, send_targets()), "AnyDressing", "anydressing")]
 
 
+script_callbacks.on_after_component(catch_inpaint_upload)
 script_callbacks.on_ui_tabs(on_ui_tabs)
 script_callbacks.on_app_started(lambda demo, app: api.register(app, SEGMENTER, sam_dirs))

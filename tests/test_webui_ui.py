@@ -42,6 +42,9 @@ class ToolButton(gr.Button):
         kwargs.pop("tooltip", None)  # A1111 adds `tooltip` to gradio components; plain 3.41.2 lacks it
         super().__init__(*args, elem_classes=["tool"], **kwargs)
 
+    def get_block_name(self):
+        return "button"
+
 
 @pytest.fixture
 def ui(monkeypatch, tmp_path):
@@ -91,3 +94,58 @@ def test_model_details_show_origin_and_problems(tmp_path):
     (tmp_path / "broken.safetensors").write_bytes(b"xx")
     strength, text = describe_model("broken", [tmp_path])
     assert strength is None and "not a readable safetensors file" in text
+
+
+def test_cutout_sent_from_the_segment_tab_lands_in_a_garment_slot(ui, tmp_path):
+    """A1111 builds each tab as its own Blocks and renders them into one page; so does this test."""
+    import shutil
+    import socket
+
+    playwright = pytest.importorskip("playwright.sync_api")
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed")
+    from lib_anydressing.ui.app import build_tabs
+    from lib_anydressing.ui.segment_tab import SendTarget
+    from lib_anydressing.webui import ui as script_ui
+
+    with gr.Blocks() as txt2img:
+        script_ui.build(lambda name: f"script_txt2img_anydressing_{name}", 2, [tmp_path], lambda: [], "txt2img")
+    targets = [SendTarget(f"txt2img garment {i + 1}", [c]) for i, c in enumerate(script_ui.SLOT_IMAGES["txt2img"])]
+    tab = build_tabs(lambda: [], tmp_path / "out", targets)
+    with gr.Blocks() as page_blocks, gr.Tabs():
+        with gr.Tab("txt2img"):
+            txt2img.render()
+        with gr.Tab("AnyDressing"):
+            tab.render()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    page_blocks.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
+    photo = Image.new("RGB", (320, 240), (128, 128, 128))
+    from PIL import ImageDraw
+
+    ImageDraw.Draw(photo).ellipse((80, 50, 240, 190), fill=(210, 30, 40))
+    photo.save(tmp_path / "photo.png")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
+    try:
+        with playwright.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=chromium, args=flags)
+            page = browser.new_page(viewport={"width": 1400, "height": 1400})
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.locator("button", has_text="AnyDressing").first.click()  # gradio 3 tabs are buttons
+            page.locator("#anydressing_segment_photo input[type=file]").set_input_files(str(tmp_path / "photo.png"))
+            shown = page.locator("#anydressing_segment_photo img")
+            shown.wait_for(timeout=30000)
+            box = shown.bounding_box()
+            page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+            page.locator("#anydressing_segment_cutout img").wait_for(timeout=60000)
+            page.locator("#anydressing_segment_send_to input").click()
+            page.locator("#anydressing_segment_send_to li", has_text="txt2img garment 2").click()
+            page.get_by_role("button", name="Send", exact=True).click()
+            slot = page.locator("#script_txt2img_anydressing_slot1_image img")
+            slot.wait_for(state="attached", timeout=30000)
+            assert page.locator("#script_txt2img_anydressing_slot0_image img").count() == 0
+            browser.close()
+    finally:
+        page_blocks.close()

@@ -13,9 +13,11 @@ ROOT = Path(__file__).resolve().parent.parent.parent
 EXTENSION_SAM_DIR = ROOT / "models" / "sam"
 
 
-def build_tabs(sam_dirs: Callable[[], list[Path]], output_dir: Path) -> gr.Blocks:
+def build_tabs(
+    sam_dirs: Callable[[], list[Path]], output_dir: Path, send_targets: list[segment_tab.SendTarget] = ()
+) -> gr.Blocks:
     with gr.Blocks(analytics_enabled=False, title="AnyDressing") as blocks, gr.Tabs(), gr.Tab("Segment garment"):
-        segment_tab.build(sam_dirs, output_dir)
+        segment_tab.build(sam_dirs, output_dir, list(send_targets))
     return blocks
 
 

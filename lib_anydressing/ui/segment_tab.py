@@ -3,8 +3,11 @@
 No `from __future__ import annotations` here: gradio finds the `gr.SelectData` parameter by its annotation.
 """
 
+import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 import numpy as np
@@ -22,8 +25,18 @@ SEGMENTER = Segmenter()  # one SAM model per process, freed on request
 LARGEST, FROM_PHOTO = "largest object", "the prompts clicked on the photo above"
 
 
-def build(sam_dirs: Callable[[], list[Path]], output_dir: Path) -> None:
-    """Components of the tab, inside the caller's Blocks/Tab context."""
+@dataclass
+class SendTarget:
+    """Somewhere a cutout can go: garment slot images (one component) or an inpaint pair (photo, mask)."""
+
+    label: str
+    components: list[Any]
+    switch_js: str = ""  # the WebUI's own tab-switch call, e.g. "switch_to_txt2img()"
+
+
+def build(sam_dirs: Callable[[], list[Path]], output_dir: Path, send_targets: list[SendTarget] = ()) -> None:
+    """Components of the tab, inside the caller's Blocks/Tab context. `send_targets` come from the
+    WebUI (garment slots, inpaint upload); standalone there are none and no Send control."""
     state = gr.State(SegmentState())
     with gr.Row():
         with gr.Column():
@@ -69,7 +82,17 @@ def build(sam_dirs: Callable[[], list[Path]], output_dir: Path) -> None:
     with gr.Row():
         square_size = gr.Radio([512, 768], value=512, label="Square size")
         save = gr.Button("Save to outputs", variant="primary")
+        to_dataset = gr.Button("Add to LoRA dataset")
         saved = gr.Markdown()
+    if send_targets:
+        with gr.Row():
+            send_to = gr.Dropdown(
+                [t.label for t in send_targets],
+                value=send_targets[0].label,
+                label="Send to",
+                elem_id="anydressing_segment_send_to",
+            )
+            send = gr.Button("Send")
 
     with gr.Accordion("Batch: a whole folder", open=False):
         with gr.Row():
@@ -150,6 +173,37 @@ def build(sam_dirs: Callable[[], list[Path]], output_dir: Path) -> None:
     for component in edits_inputs:
         component.change(lambda st, *e: render(st, *e), [state, *edits_inputs], views)
     save.click(on_save, [state, *edits_inputs], [saved])
+
+    def on_dataset(st: SegmentState, *edits):
+        outs = st.outputs(_edits(edits), int(edits[6]))
+        if outs is None:
+            return "Nothing to add yet: click on the garment first."
+        path = free_path(output_dir / "lora_dataset", "garment")
+        outs[0].save(path)  # the RGBA cutout: its alpha lets training mask the loss to the garment
+        return f"Added {path.name} to {path.parent}"
+
+    to_dataset.click(on_dataset, [state, *edits_inputs], [saved])
+
+    if send_targets:
+        outputs = [c for t in send_targets for c in t.components]
+
+        def on_send(st: SegmentState, label, *edits):
+            outs = st.outputs(_edits(edits), int(edits[6]))
+            updates: list[Any] = [gr.update() for _ in outputs]
+            if outs is not None:
+                start = 0
+                for target in send_targets:
+                    if target.label == label:
+                        whole_photo = Image.fromarray(st.image)
+                        values = [outs[0]] if len(target.components) == 1 else [whole_photo, outs[1]]
+                        updates[start : start + len(values)] = values
+                    start += len(target.components)
+            return updates
+
+        calls = json.dumps({t.label: t.switch_js for t in send_targets})
+        switch_tab = "(label) => { const call = " + calls + "[label]; if (call) { try { new Function(call)(); }"
+        switch_tab += " catch (e) { console.warn(e); } } return []; }"  # the WebUI's switch_to_* may be absent
+        send.click(on_send, [state, send_to, *edits_inputs], outputs).then(None, [send_to], None, _js=switch_tab)
 
     def on_brush(add: bool):
         def handler(st: SegmentState, painted, *edits):

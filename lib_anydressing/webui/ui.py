@@ -16,8 +16,12 @@ def model_choices(dirs) -> list[str]:
     return [TRAINING_FREE, *list_models(dirs)]
 
 
-def build(elem_id, n_slots: int, dirs, refresh) -> tuple[list[Any], list[tuple[Any, str]]]:
-    """(components in `script_arg_names` order, infotext fields)."""
+SLOT_IMAGES: dict[str, list[Any]] = {}  # "txt2img"/"img2img" -> garment image components, for Send buttons
+
+
+def build(elem_id, n_slots: int, dirs, refresh, tab: str = "txt2img") -> tuple[list[Any], list[tuple[Any, str]]]:
+    """(components in `script_arg_names` order, infotext fields). The garment images are also
+    recorded in SLOT_IMAGES[tab], so the Segment tab (built later) can send cutouts to them."""
     from modules.ui_components import InputAccordion, ToolButton
 
     components: dict[str, Any] = {}
@@ -79,6 +83,7 @@ def build(elem_id, n_slots: int, dirs, refresh) -> tuple[list[Any], list[tuple[A
                             components[f"slot{i}_box_{corner}"] = gr.Number(
                                 default, label=f"Box {corner}", elem_id=elem_id(f"slot{i}_{corner}")
                             )
+    SLOT_IMAGES[tab] = [components[f"slot{i}_image"] for i in range(n_slots)]
     ordered = [components[name] for name in script_arg_names(n_slots)]
     fields = [(component, _paste(name, n_slots)) for name, component in components.items() if _pastable(name)]
     return ordered, fields
