@@ -6,7 +6,6 @@ object is, and the cutout comes out. Skipped where chromium or playwright is mis
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import sys
@@ -16,14 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from browser import CHROMIUM, FLAGS, PHOTO_SIZE, upload_and_click_garment, write_photo
+from PIL import Image
 
 playwright = pytest.importorskip("playwright.sync_api")
-CHROMIUM = shutil.which("chromium")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
 ROOT = Path(__file__).resolve().parent.parent
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
 
 
 @pytest.fixture
@@ -53,27 +50,16 @@ def server(tmp_path):
     proc.wait(timeout=20)
 
 
-def _photo(path: Path) -> None:
-    image = Image.new("RGB", (320, 240), (128, 128, 128))
-    ImageDraw.Draw(image).ellipse((80, 50, 240, 190), fill=(210, 30, 40))
-    image.save(path)
-
-
 def test_click_on_garment_shows_mask(server):
     url, tmp = server
-    _photo(tmp / "photo.png")
+    write_photo(tmp / "photo.png")
     with playwright.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1200})
         page.goto(url)
-        page.locator("#anydressing_segment_photo input[type=file]").set_input_files(str(tmp / "photo.png"))
-        shown = page.locator("#anydressing_segment_photo img")
-        shown.wait_for(timeout=30000)
-        box = shown.bounding_box()
-        page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)  # the ellipse's centre
-        page.locator("#anydressing_segment_cutout img").wait_for(timeout=60000)
+        box = upload_and_click_garment(page, tmp / "photo.png")
         page.locator("#anydressing_segment_status").get_by_text("GrabCut").wait_for(timeout=10000)
-        picture_left = box["x"] + (box["width"] - box["height"] * 320 / 240) / 2  # the img is letterboxed
+        picture_left = box["x"] + (box["width"] - box["height"] * PHOTO_SIZE[0] / PHOTO_SIZE[1]) / 2
         page.mouse.click(picture_left + 15, box["y"] + 15, button="right")  # javascript/: a negative point
         page.wait_for_timeout(3000)
         preview = page.locator("#anydressing_segment_preview img")
@@ -90,17 +76,12 @@ def test_click_on_garment_shows_mask(server):
 
 def test_brush_stroke_subtracts_from_the_mask(server):
     url, tmp = server
-    _photo(tmp / "photo.png")
+    write_photo(tmp / "photo.png")
     with playwright.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1600})
         page.goto(url)
-        page.locator("#anydressing_segment_photo input[type=file]").set_input_files(str(tmp / "photo.png"))
-        shown = page.locator("#anydressing_segment_photo img")
-        shown.wait_for(timeout=30000)
-        box = shown.bounding_box()
-        page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
-        page.locator("#anydressing_segment_cutout img").wait_for(timeout=60000)
+        upload_and_click_garment(page, tmp / "photo.png")
         page.get_by_text("Brush: paint over the preview").click()
         page.get_by_role("button", name="Load the preview to paint on").click()
         canvas = page.locator("#anydressing_segment_brush canvas").last

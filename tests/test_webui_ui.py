@@ -98,12 +98,12 @@ def test_model_details_show_origin_and_problems(tmp_path):
 
 def test_cutout_sent_from_the_segment_tab_lands_in_a_garment_slot(ui, tmp_path):
     """A1111 builds each tab as its own Blocks and renders them into one page; so does this test."""
-    import shutil
     import socket
 
+    from browser import CHROMIUM, FLAGS, upload_and_click_garment, write_photo
+
     playwright = pytest.importorskip("playwright.sync_api")
-    chromium = shutil.which("chromium")
-    if chromium is None:
+    if CHROMIUM is None:
         pytest.skip("Debian's chromium is not installed")
     from lib_anydressing.ui.app import build_tabs
     from lib_anydressing.ui.segment_tab import SendTarget
@@ -122,24 +122,14 @@ def test_cutout_sent_from_the_segment_tab_lands_in_a_garment_slot(ui, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     page_blocks.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
-    photo = Image.new("RGB", (320, 240), (128, 128, 128))
-    from PIL import ImageDraw
-
-    ImageDraw.Draw(photo).ellipse((80, 50, 240, 190), fill=(210, 30, 40))
-    photo.save(tmp_path / "photo.png")
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
+    write_photo(tmp_path / "photo.png")
     try:
         with playwright.sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=chromium, args=flags)
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
             page = browser.new_page(viewport={"width": 1400, "height": 1400})
             page.goto(f"http://127.0.0.1:{port}/")
             page.locator("button", has_text="AnyDressing").first.click()  # gradio 3 tabs are buttons
-            page.locator("#anydressing_segment_photo input[type=file]").set_input_files(str(tmp_path / "photo.png"))
-            shown = page.locator("#anydressing_segment_photo img")
-            shown.wait_for(timeout=30000)
-            box = shown.bounding_box()
-            page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
-            page.locator("#anydressing_segment_cutout img").wait_for(timeout=60000)
+            upload_and_click_garment(page, tmp_path / "photo.png")
             page.locator("#anydressing_segment_send_to input").click()
             page.locator("#anydressing_segment_send_to li", has_text="txt2img garment 2").click()
             page.get_by_role("button", name="Send", exact=True).click()

@@ -1,0 +1,32 @@
+"""What the browser tests share: Debian's chromium, its flags on this closed network, the test photo."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+CHROMIUM = shutil.which("chromium")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+PHOTO_SIZE = (320, 240)
+
+
+def write_photo(path: Path) -> None:
+    """A red ellipse (the garment) on grey."""
+    image = Image.new("RGB", PHOTO_SIZE, (128, 128, 128))
+    ImageDraw.Draw(image).ellipse((80, 50, 240, 190), fill=(210, 30, 40))
+    image.save(path)
+
+
+def upload_and_click_garment(page, photo: Path) -> dict:
+    """Upload the photo in the Segment tab, click the ellipse's centre, wait for the cutout; returns the
+    photo's on-screen box (the img element is letterboxed: the picture is centred in it)."""
+    page.locator("#anydressing_segment_photo input[type=file]").set_input_files(str(photo))
+    shown = page.locator("#anydressing_segment_photo img")
+    shown.wait_for(timeout=30000)
+    box = shown.bounding_box()
+    page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.locator("#anydressing_segment_cutout img").wait_for(timeout=60000)
+    return box
