@@ -321,3 +321,28 @@ def test_brush_strokes_override_the_mask():
     assert mask[0:10, 0:10].all() and mask[30, 65]
     st.paint(hole, add=True)
     assert st.mask(MaskEdits())[45:55, 60:70].all()
+
+
+def test_8000_square_photo_segments_without_blowing_up():
+    image = np.full((8000, 8000, 3), 128, np.uint8)
+    image[2000:6000, 2500:5500] = (200, 30, 40)
+    mask = Segmenter().segment(image, box=(2300, 1800, 5700, 6200)).mask
+    assert mask.shape == (8000, 8000)
+    assert mask[4000, 4000] and not mask[100, 100]
+
+
+@pytest.mark.parametrize(
+    "key, variant, package",
+    [
+        ("mask_decoder.hf_token.weight", "sam_hq", "segment_anything_hq"),
+        ("image_encoder.layers.0.x", "mobile_sam", "mobile_sam"),
+    ],
+)
+def test_hq_and_mobile_sam_are_recognised_and_need_their_package(key, variant, package):
+    import importlib.util
+
+    state = {key: torch.zeros(1), "image_encoder.pos_embed": torch.zeros(1, 64, 64, 768)}
+    assert detect_variant(state) == variant
+    if importlib.util.find_spec(package) is None:
+        with pytest.raises(SamModelError, match=f"install the '{package}' package"):
+            build_sam(state)

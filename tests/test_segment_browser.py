@@ -15,8 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from browser import CHROMIUM, FLAGS, PHOTO_SIZE, upload_and_click_garment, write_photo
 from PIL import Image
+
+from browser import CHROMIUM, FLAGS, PHOTO_SIZE, upload_and_click_garment, write_photo
 
 playwright = pytest.importorskip("playwright.sync_api")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
