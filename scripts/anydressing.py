@@ -41,6 +41,9 @@ class AnyDressingScript(scripts.Script):
         apply_overrides(opts, xyz.overrides(p))
         controller.process(p, opts)
 
+    def process_batch(self, p, *args, **kwargs):
+        controller.process_batch(p)
+
     def postprocess(self, p, processed, *args):
         controller.finish(p.sd_model.model.diffusion_model)
 

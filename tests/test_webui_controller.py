@@ -51,6 +51,7 @@ class FakeSdModel:
 class FakeP:
     sd_model: Any
     cfg_scale: float = 7.0
+    extra_network_data: dict = field(default_factory=dict)
     width: int = LATENT[1] * 8
     height: int = LATENT[0] * 8
     extra_generation_params: dict = field(default_factory=dict)
@@ -128,6 +129,12 @@ def _opts(**general):
     return from_api({"enabled": True, "garments": _garments(), **general})
 
 
+def start(controller, p, opts):
+    """What A1111 does before sampling: the script's process, LoRA activation, then process_batch."""
+    controller.process(p, opts)
+    controller.process_batch(p)
+
+
 @pytest.fixture
 def setup(unet, tmp_path):
     return Controller(FakeEnv([tmp_path])), FakeP(FakeSdModel(unet)), unet
@@ -167,7 +174,7 @@ def test_conditional_rows_marked_in_every_layout(setup, mode, repeats):
     controller, p, unet = setup
     x, cond, uncond = _batch(repeats)
     plain = cfg_step(controller, unet, x, cond, uncond, repeats, 0, 10, "one_call")
-    controller.process(p, _opts())
+    start(controller, p, _opts())
     assert not p.comments, p.comments
     session = controller.session
     dressed = cfg_step(controller, unet, x, cond, uncond, repeats, 0, 10, mode)
@@ -199,7 +206,7 @@ def test_model_clean_after_every_ending(setup, ending):
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     x, cond, uncond = _batch([1])
     plain = cfg_step(controller, unet, x, cond, uncond, [1], 0, 4, "one_call")
-    controller.process(p, _opts())
+    start(controller, p, _opts())
     assert controller.session is not None
     if ending == "postprocess":
         cfg_step(controller, unet, x, cond, uncond, [1], 0, 4, "one_call")
@@ -219,7 +226,7 @@ def test_model_clean_after_every_ending(setup, ending):
         controller.finish(unet)
         p.close()
     else:  # left dressed; the next generation, even with dressing off, cleans up first
-        controller.process(FakeP(p.sd_model), from_api({"enabled": False}))
+        start(controller, FakeP(p.sd_model), from_api({"enabled": False}))
     _clean(unet, before)
     assert torch.equal(cfg_step(controller, unet, x, cond, uncond, [1], 0, 4, "one_call"), plain)
 
@@ -228,17 +235,17 @@ def test_feature_cache_skips_garments_net_on_regeneration(setup):
     controller, p, unet = setup
     calls = []
     handle = unet.time_embed.register_forward_hook(lambda *a: calls.append(1))
-    controller.process(p, _opts())
+    start(controller, p, _opts())
     first = controller.session.prepared
     controller.finish(unet)
     assert len(calls) == 1 and not first.from_cache
-    controller.process(FakeP(p.sd_model), _opts())
+    start(controller, FakeP(p.sd_model), _opts())
     assert len(calls) == 1 and controller.session.prepared.from_cache
     assert controller.session.prepared.features is first.features
     controller.finish(unet)
     changed = _garments()
     changed[1]["image"] = Image.new("RGB", (40, 40), (20, 220, 20))
-    controller.process(FakeP(p.sd_model), from_api({"enabled": True, "garments": changed}))
+    start(controller, FakeP(p.sd_model), from_api({"enabled": True, "garments": changed}))
     assert len(calls) == 2
     handle.remove()
     controller.finish(unet)
@@ -248,7 +255,7 @@ def test_dressing_range_follows_steps(setup):
     controller, p, unet = setup
     x, cond, uncond = _batch([1])
     plain = [cfg_step(controller, unet, x, cond, uncond, [1], s, 10, "one_call") for s in (2, 7)]
-    controller.process(p, _opts(start=0.5, end=1.0))
+    start(controller, p, _opts(start=0.5, end=1.0))
     early = cfg_step(controller, unet, x, cond, uncond, [1], 2, 10, "one_call")
     late = cfg_step(controller, unet, x, cond, uncond, [1], 7, 10, "one_call")
     controller.finish(unet)
@@ -258,7 +265,7 @@ def test_dressing_range_follows_steps(setup):
 
 def test_infotext_round_trip(setup):
     controller, p, unet = setup
-    controller.process(p, _opts(strength=0.6, start=0.1, end=0.9, resolution=384))
+    start(controller, p, _opts(strength=0.6, start=0.1, end=0.9, resolution=384))
     controller.finish(unet)
     params = {k: str(v) for k, v in p.extra_generation_params.items()}
     assert params["AnyDressing model"] == TRAINING_FREE
@@ -320,7 +327,7 @@ def test_bad_input_gets_a_message_and_leaves_the_model_untouched(setup, tmp_path
         opts = _opts(model="broken")
     else:
         controller.env.refuse = "Hypertile tiles the self-attention that AnyDressing needs whole"
-    controller.process(p, opts)
+    start(controller, p, opts)
     comments = " | ".join(p.comments)
     assert expected in comments and "generating without dressing" in comments
     assert controller.session is None and not p.extra_generation_params
@@ -331,7 +338,7 @@ def test_checkpoint_model_from_the_models_folder(setup, tmp_path):
     controller, p, unet = setup
     model = AnyDressingModel(ModelInfo(default_strength=0.7), projections=DressingProjections.from_unet(unet))
     save_checkpoint(model, tmp_path / "mine.safetensors")
-    controller.process(p, _opts(model="mine"))
+    start(controller, p, _opts(model="mine"))
     assert not p.comments, p.comments
     assert controller.session.strength == 0.7  # the checkpoint's default when the request gives none
     assert p.extra_generation_params["AnyDressing model"].startswith("mine [")
@@ -361,7 +368,7 @@ def test_xyz_axes_set_strength_and_weights_per_cell(setup):
     axes["[AnyDressing] Weight 2"].apply(cell, 0.25, None)
     opts = _opts()
     apply_overrides(opts, xyz.overrides(cell))
-    controller.process(cell, opts)
+    start(controller, cell, opts)
     assert controller.session.strength == 0.4 and controller.session.prepared.weights == [1.0, 0.25]
     assert cell.extra_generation_params["AnyDressing strength"] == "0.4"
     controller.finish(unet)
@@ -378,18 +385,18 @@ def test_separate_garments_net_is_built_once_per_model_and_base(setup, tmp_path)
     weights = {k: v.clone() for k, v in unet.state_dict().items() if ".attn2." not in k}
     model = AnyDressingModel(ModelInfo(), projections=DressingProjections.from_unet(unet), garments_net_weights=weights)
     save_checkpoint(model, tmp_path / "own.safetensors")
-    controller.process(p, _opts(model="own"))
+    start(controller, p, _opts(model="own"))
     assert not p.comments, p.comments
     built = controller._garments_net[1]
     assert built.unet is not unet
     controller.finish(unet)
     changed = _garments()
     changed[0]["image"] = Image.new("RGB", (30, 30), (1, 2, 3))
-    controller.process(FakeP(p.sd_model), from_api({"enabled": True, "model": "own", "garments": changed}))
+    start(controller, FakeP(p.sd_model), from_api({"enabled": True, "model": "own", "garments": changed}))
     assert controller._garments_net[1] is built  # new garments, same network
     controller.finish(unet)
     p.sd_model.sd_model_hash = "another-checkpoint"
-    controller.process(FakeP(p.sd_model), _opts(model="own"))
+    start(controller, FakeP(p.sd_model), _opts(model="own"))
     assert controller._garments_net[1] is not built
     controller.finish(unet)
 
@@ -419,7 +426,7 @@ def test_garment_guidance_gives_magicclothing_joint_guidance(setup):
     controller, p, unet = setup
     p.cfg_scale, garment_scale = 6.0, 2.5
     x, cond, uncond = _batch([1, 1])
-    controller.process(p, _opts(garment_guidance=garment_scale))
+    start(controller, p, _opts(garment_guidance=garment_scale))
     assert not p.comments, p.comments
     got = a1111_cfg_forward(controller, unet, x, cond, uncond, p.cfg_scale)
     session = controller.session
@@ -438,7 +445,7 @@ def test_garment_guidance_gives_magicclothing_joint_guidance(setup):
     want = plain_uncond + p.cfg_scale * (text - garments_only) + garment_scale * (garments_only - plain_uncond)
     torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4)
     # without garment guidance the same step is A1111's own combine, dressed
-    controller.process(FakeP(p.sd_model), _opts())
+    start(controller, FakeP(p.sd_model), _opts())
     plain = a1111_cfg_forward(controller, unet, x, cond, uncond, p.cfg_scale)
     controller.finish(unet)
     torch.testing.assert_close(plain, plain_uncond + p.cfg_scale * (text - plain_uncond), atol=1e-3, rtol=1e-4)
@@ -448,10 +455,30 @@ def test_garment_guidance_steps_aside_when_uncond_is_skipped(setup):
     controller, p, unet = setup
     p.cfg_scale = 6.0
     x, cond, uncond = _batch([1])
-    controller.process(p, _opts(garment_guidance=2.5))
+    start(controller, p, _opts(garment_guidance=2.5))
     skipped = a1111_cfg_forward(controller, unet, x, cond, uncond, p.cfg_scale, skip_uncond=True)
     controller.finish(unet)
-    controller.process(FakeP(p.sd_model), _opts())
+    start(controller, FakeP(p.sd_model), _opts())
     plain = a1111_cfg_forward(controller, unet, x, cond, uncond, p.cfg_scale, skip_uncond=True)
     controller.finish(unet)
     torch.testing.assert_close(skipped, plain, atol=1e-4, rtol=1e-4)  # no correction without a real uncond
+
+
+def test_features_follow_the_loras_a1111_activates_per_batch(setup):
+    """Extraction waits for process_batch, after A1111 activated the prompt's LoRAs; a new LoRA set means
+    new garment features, the same set in the next batch keeps the installed ones."""
+    controller, p, unet = setup
+    calls = []
+    handle = unet.time_embed.register_forward_hook(lambda *a: calls.append(1))
+    controller.process(p, _opts())
+    assert controller.session is None and not calls  # nothing extracted before the LoRAs are active
+    controller.process_batch(p)
+    first = controller.session
+    assert first is not None and len(calls) == 1
+    controller.process_batch(p)  # the second batch, same networks
+    assert controller.session is first and len(calls) == 1
+    p.extra_network_data = {"lora": [types.SimpleNamespace(items=["denim_style", "0.8"])]}
+    controller.process_batch(p)
+    assert controller.session is not first and len(calls) == 2
+    handle.remove()
+    controller.finish(unet)

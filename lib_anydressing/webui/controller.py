@@ -10,6 +10,7 @@ from __future__ import annotations
 import traceback
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -55,9 +56,14 @@ class Controller:
         self._nmask: Tensor | None = None
         self._model: tuple[tuple, AnyDressingModel, str] | None = None  # (file identity, model, short hash)
         self._garments_net: tuple[tuple, GarmentsNet] | None = None  # built once per model file and base weights
+        self._pending: _Pending | None = None  # checked in process, installed in process_batch
 
     def process(self, p: Any, opts: DressingOptions) -> None:
-        """Before sampling: clean up, check, extract garment features once, install on the UNet."""
+        """Before the batches: clean up, check everything that can be checked, load the model.
+
+        Extraction waits for `process_batch`: A1111 activates the prompt's LoRAs in between, and
+        training-free garment tokens must come from the same weights as the UNet they join.
+        """
         unet = p.sd_model.model.diffusion_model
         self.finish(unet)
         if not opts.enabled:
@@ -81,40 +87,66 @@ class Controller:
                 raise ValueError(
                     f"models with {channels} input channels (inpainting, instruct-pix2pix) are not supported yet"
                 )
-            session = DressingSession(model, opts)
+        except Exception as e:  # a bad file or an unforeseen error: a message, never a traceback in the UI
+            self._fail(p, unet, e)
+            return
+        self._pending = _Pending(opts, model, model_key, label)
+        _close_with(p, lambda: self.finish(unet))
+
+    def process_batch(self, p: Any) -> None:
+        """After A1111 activated this batch's LoRAs: extract (or reuse) garment features and install."""
+        pending = self._pending
+        if pending is None:
+            return
+        networks = _networks_key(p)
+        if self.session is not None and pending.networks == networks:
+            return  # the next batch of the same generation: already dressed with these weights
+        unet = p.sd_model.model.diffusion_model
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+        first = pending.networks is None
+        pending.networks = networks
+        session = DressingSession(pending.model, pending.opts)
+        try:
             self.cache.max_entries = self.env.cache_size()
             self.env.load_unet(p)
             with self.env.autocast():
                 prepared = session.prepare(
                     unet,
-                    self._garments_net_for(model, model_key, p),
+                    self._garments_net_for(pending.model, pending.model_key, p),
                     device=self.env.device(),
                     dtype=self.env.dtype(),
                     target_wh=(p.width, p.height),
                     encode=lambda images: self.env.encode(p, images),
                     empty_prompt=self.env.empty_prompt(p),
                     cache=self.cache,
-                    model_key=model_key,
+                    model_key=f"{pending.model_key}:{networks}",
                     image_encoder_dir=self.env.image_encoder_dir(),
                     offload_garments_net=self.env.offload_garments_net(),
                 )
             session.install(unet)
-        except (CheckpointError, FileNotFoundError, ImageInputError, ValueError, RuntimeError) as e:
-            self.finish(unet)
-            p.comment(f"{PREFIX}: {e}: generating without dressing")
-            return
-        except Exception as e:  # anything unforeseen still ends as a message, never a traceback in the UI
-            self.finish(unet)
-            p.comment(f"{PREFIX}: unexpected {type(e).__name__}: {e}: generating without dressing")
-            traceback.print_exc()
+        except Exception as e:  # out of memory, a device problem...: a message, never a traceback
+            self._fail(p, unet, e)
             return
         self.session = session
         self.cfg_scale = float(getattr(p, "cfg_scale", 7.0))
-        self.guidance = None if opts.garment_guidance is None else GarmentGuidance(opts.garment_guidance)
-        for note in prepared.notes:
-            p.comment(f"{PREFIX}: {note}")
-        p.extra_generation_params.update(infotext(opts, label, session.strength))
-        _close_with(p, lambda: self.finish(unet))
+        self.guidance = (
+            None if pending.opts.garment_guidance is None else GarmentGuidance(pending.opts.garment_guidance)
+        )
+        if first:
+            for note in prepared.notes:
+                p.comment(f"{PREFIX}: {note}")
+            p.extra_generation_params.update(infotext(pending.opts, pending.label, session.strength))
+
+    def _fail(self, p: Any, unet: Any, error: Exception) -> None:
+        self.finish(unet)
+        expected = (CheckpointError, FileNotFoundError, ImageInputError, ValueError, RuntimeError)
+        if isinstance(error, expected):
+            p.comment(f"{PREFIX}: {error}: generating without dressing")
+        else:
+            p.comment(f"{PREFIX}: unexpected {type(error).__name__}: {error}: generating without dressing")
+            traceback.print_exception(error)
 
     def on_cfg_denoiser(self, params: Any) -> None:
         """A1111 calls this before each step's UNet calls: conditional rows come first in its batch."""
@@ -141,6 +173,7 @@ class Controller:
         if self.session is not None:
             self.session.close()
             self.session = None
+        self._pending = None
         self.guidance = None
         if unet is not None:
             remove_dressing(unet)
@@ -169,6 +202,21 @@ class Controller:
             self._model = (key, load_checkpoint(path), short_hash(path))
             self.cache.clear()
         return self._model[1], f"{key}:{base}", f"{path.stem} [{self._model[2]}]"
+
+
+@dataclass
+class _Pending:
+    opts: DressingOptions
+    model: AnyDressingModel
+    model_key: str
+    label: str
+    networks: str | None = None  # the LoRA set the installed features were extracted with
+
+
+def _networks_key(p: Any) -> str:
+    """The extra networks A1111 activated for this batch (LoRAs and their weights), as a cache key."""
+    data = getattr(p, "extra_network_data", None) or {}
+    return repr(sorted((name, [tuple(map(str, x.items)) for x in params]) for name, params in data.items()))
 
 
 def _close_with(p: Any, cleanup: Callable[[], None]) -> None:
