@@ -6,6 +6,7 @@ import launch
 # installed when absent and left alone when present, whatever its version.
 REQUIREMENTS = {
     "safetensors": "safetensors",
+    "segment_anything": "segment-anything==1.0",  # the Segment tab's SAM; it declares no dependencies
 }
 
 for module, requirement in REQUIREMENTS.items():

@@ -50,13 +50,20 @@ class _Launch(types.ModuleType):
         self.pip_calls.append(command)
 
 
-@pytest.mark.parametrize("installed, expected", [({"safetensors"}, []), (set(), ["install safetensors"])])
+@pytest.mark.parametrize(
+    "installed, expected",
+    [
+        ({"safetensors", "segment_anything"}, []),
+        ({"safetensors"}, ["install segment-anything==1.0"]),
+        (set(), ["install safetensors", "install segment-anything==1.0"]),
+    ],
+)
 def test_install_only_installs_what_is_missing(monkeypatch, installed, expected):
     fake = _Launch(installed)
     monkeypatch.setitem(sys.modules, "launch", fake)
     runpy.run_path(str(ROOT / "install.py"))
     assert fake.pip_calls == expected
-    assert all("--upgrade" not in c and "==" not in c for c in fake.pip_calls)
+    assert all("--upgrade" not in c and not c.startswith(("install torch", "install numpy")) for c in fake.pip_calls)
 
 
 def test_preload_adds_models_dir_flag():
