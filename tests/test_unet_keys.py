@@ -53,3 +53,12 @@ def test_processor_order_matches_diffusers_and_ldm():
 def test_unknown_key_is_named():
     with pytest.raises(KeyError, match="'text_model.embeddings.x' is not a key"):
         diffusers_to_ldm("text_model.embeddings.x")
+
+
+def test_ldm_to_diffusers_inverts_the_mapping():
+    from lib_anydressing.convert.unet_keys import ldm_to_diffusers
+
+    keys = list(_diffusers_unet().state_dict())
+    assert [ldm_to_diffusers(diffusers_to_ldm(k)) for k in keys] == keys
+    with pytest.raises(KeyError, match="not a key of an SD1.x ldm UNet"):
+        ldm_to_diffusers("cond_stage_model.transformer.x")

@@ -70,6 +70,20 @@ def diffusers_to_ldm(key: str, layers_per_block: int = 2) -> str:
     raise KeyError(f"'{key}' is not a key of an SD1.x diffusers UNet")
 
 
+def ldm_to_diffusers(key: str, layers_per_block: int = 2) -> str:
+    """One ldm UNet key -> its diffusers key (the inverse of `diffusers_to_ldm`)."""
+    for d_prefix, l_prefix, is_resnet in block_prefixes(layers_per_block):
+        if key.startswith(l_prefix):
+            rest = key[len(l_prefix) :]
+            if is_resnet:
+                for d_name, l_name in _RESNET.items():
+                    if rest.startswith(l_name):
+                        rest = d_name + rest[len(l_name) :]
+                        break
+            return d_prefix + rest
+    raise KeyError(f"'{key}' is not a key of an SD1.x ldm UNet")
+
+
 def diffusers_attention_layer(name: str, layers_per_block: int = 2) -> str:
     """'down_blocks.0.attentions.0.transformer_blocks.0' -> 'input_blocks.1.1.transformer_blocks.0'."""
     return diffusers_to_ldm(name + ".", layers_per_block)[:-1]

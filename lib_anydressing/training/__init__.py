@@ -1,0 +1,1 @@
+"""Training: garment LoRAs for the WebUI (kohya format)."""

@@ -1,0 +1,129 @@
+"""A LoRA on the UNet's transformer blocks, saved in kohya's format so the WebUI's Lora extension
+(and other tools) load it with `<lora:name:1>` and no "failed to match keys".
+
+Targets are kohya's for SD1.x: every Linear and 1x1 Conv inside the transformer blocks (proj_in,
+proj_out, attn1/attn2 q/k/v/out, the feed-forward). Keys are `lora_unet_<diffusers module path>`
+with `.lora_down.weight`, `.lora_up.weight` and `.alpha`. The LoRA runs as a forward patch on the
+user's modules and comes off exactly; it is never merged into the weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ..convert.unet_keys import ldm_to_diffusers
+from ..engine.forward_patch import ForwardPatch
+
+TRANSFORMER_PARENTS = ("input_blocks", "middle_block", "output_blocks")
+
+
+def target_modules(unet: nn.Module) -> dict[str, nn.Module]:
+    """kohya name -> module, for every Linear / 1x1 Conv inside the UNet's SpatialTransformers."""
+    targets = {}
+    for name, module in unet.named_modules():
+        parts = name.split(".")
+        if parts[0] not in TRANSFORMER_PARENTS or not hasattr(module, "transformer_blocks"):
+            continue
+        for sub_name, sub in module.named_modules():
+            is_linear = isinstance(sub, nn.Linear)
+            is_pointwise = isinstance(sub, nn.Conv2d) and sub.kernel_size == (1, 1)
+            if sub_name and (is_linear or is_pointwise):
+                diffusers = ldm_to_diffusers(f"{name}.{sub_name}")
+                targets["lora_unet_" + diffusers.replace(".", "_")] = sub
+    return targets
+
+
+class LoRALayer(nn.Module):
+    """delta(x) = up(down(x)) * alpha / rank, as kohya defines it; up starts at zero."""
+
+    def __init__(self, base: nn.Module, rank: int, alpha: float) -> None:
+        super().__init__()
+        if isinstance(base, nn.Conv2d):
+            self.lora_down = nn.Conv2d(base.in_channels, rank, 1, bias=False)
+            self.lora_up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
+        else:
+            self.lora_down = nn.Linear(base.in_features, rank, bias=False)
+            self.lora_up = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=5**0.5)
+        nn.init.zeros_(self.lora_up.weight)
+        self.register_buffer("alpha", torch.tensor(float(alpha)))
+        self.rank = rank
+
+    def delta(self, x: Tensor, multiplier: float) -> Tensor:
+        scale = multiplier * self.alpha.item() / self.rank
+        return self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype))).to(x.dtype) * scale
+
+
+class UNetLoRA(nn.Module):
+    """The LoRA layers for one UNet; `install()` / `remove()` patch and unpatch its modules."""
+
+    def __init__(self, unet: nn.Module, rank: int = 16, alpha: float = 8.0) -> None:
+        super().__init__()
+        self.targets = target_modules(unet)
+        if not self.targets:
+            raise ValueError("this UNet has no transformer blocks to put a LoRA on")
+        self.layers = nn.ModuleDict({k: LoRALayer(m, rank, alpha) for k, m in self.targets.items()})
+        self.rank, self.alpha = rank, alpha
+        self.multiplier = 1.0
+        self._patches: list[ForwardPatch] = []
+
+    def install(self) -> UNetLoRA:
+        self.remove()
+        for key, module in self.targets.items():
+            layer = self.layers[key]
+
+            def make(inner, layer=layer):
+                return lambda x, *a, **k: inner(x, *a, **k) + layer.delta(x, self.multiplier)
+
+            self._patches.append(ForwardPatch(module, make))
+        return self
+
+    def remove(self) -> None:
+        for patch in reversed(self._patches):
+            patch.restore()
+        self._patches.clear()
+
+    def kohya_state_dict(self) -> dict[str, Tensor]:
+        out = {}
+        for key, layer in self.layers.items():
+            out[f"{key}.lora_down.weight"] = layer.lora_down.weight.detach().contiguous().cpu()
+            out[f"{key}.lora_up.weight"] = layer.lora_up.weight.detach().contiguous().cpu()
+            out[f"{key}.alpha"] = layer.alpha.detach().cpu()
+        return out
+
+    def save(self, path: str | Path, metadata: dict[str, str] | None = None, dtype=torch.float16) -> None:
+        tensors = {
+            k: v.to(dtype) if v.is_floating_point() and v.ndim else v for k, v in self.kohya_state_dict().items()
+        }
+        meta = {
+            "ss_network_module": "networks.lora",
+            "ss_network_dim": str(self.rank),
+            "ss_network_alpha": str(self.alpha),
+            "ss_base_model_version": "sd_v1",
+            "modelspec.sai_model_spec": "1.0.0",
+            "modelspec.architecture": "stable-diffusion-v1/lora",
+            "modelspec.title": Path(path).stem,
+            **(metadata or {}),
+        }
+        save_file(tensors, str(path), metadata=meta)
+
+    def load_kohya(self, path: str | Path) -> dict[str, str]:
+        """Load weights saved by `save` (or by kohya for the same targets); returns the metadata."""
+        tensors = load_file(str(path))
+        expected = set(self.kohya_state_dict())
+        if set(tensors) != expected:
+            missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+            raise ValueError(f"LoRA keys differ: {len(missing)} missing (e.g. {missing[:2]}), {len(extra)} extra")
+        with torch.no_grad():
+            for key, layer in self.layers.items():
+                layer.lora_down.weight.copy_(tensors[f"{key}.lora_down.weight"])
+                layer.lora_up.weight.copy_(tensors[f"{key}.lora_up.weight"])
+                layer.alpha.copy_(tensors[f"{key}.alpha"])
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})

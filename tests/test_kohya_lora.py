@@ -1,0 +1,84 @@
+"""The garment LoRA's file: kohya keys that the WebUI's Lora extension maps onto real modules, exact patching."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from lib_anydressing.engine.sd_unet import SD15_UNET, build_unet
+from lib_anydressing.training.kohya_lora import UNetLoRA
+
+SMALL = {"model_channels": 32, "num_res_blocks": 2}  # SD1.5 block layout, narrow
+
+
+def a1111_compvis_name(key: str) -> str | None:
+    """The UNet rules of A1111 1.10's extensions-builtin/Lora/networks.py convert_diffusers_name_to_compvis,
+    restated: diffusers block numbers to ldm ones, attention suffixes kept."""
+    if m := re.match(r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", key):
+        b, kind, a, rest = int(m[1]), m[2], int(m[3]), m[4]
+        return f"diffusion_model_input_blocks_{1 + b * 3 + a}_{1 if kind == 'attentions' else 0}_{rest}"
+    if m := re.match(r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)", key):
+        return f"diffusion_model_middle_block_{1 if m[1] == 'attentions' else int(m[2]) * 2}_{m[3]}"
+    if m := re.match(r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", key):
+        b, kind, a, rest = int(m[1]), m[2], int(m[3]), m[4]
+        return f"diffusion_model_output_blocks_{b * 3 + a}_{1 if kind == 'attentions' else 0}_{rest}"
+    return None
+
+
+def _nonzero(lora: UNetLoRA, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora.layers.values():
+            layer.lora_up.weight.copy_(torch.randn(layer.lora_up.weight.shape, generator=gen) * 0.05)
+
+
+def test_every_key_maps_onto_the_module_it_trains(tmp_path):
+    unet = build_unet(SD15_UNET, **SMALL)
+    lora = UNetLoRA(unet, rank=4, alpha=2)
+    path = tmp_path / "garment.safetensors"
+    lora.save(path)
+    from safetensors.torch import load_file
+
+    keys = load_file(str(path)).keys()
+    # A1111 names the modules of sd_model.model, where the UNet is `diffusion_model`
+    mapping = {("diffusion_model." + n).replace(".", "_"): m for n, m in unet.named_modules()}
+    bases = {k.rsplit(".", 2)[0] if k.endswith("weight") else k.rsplit(".", 1)[0] for k in keys}
+    assert len(bases) == len(lora.targets) == 192  # as kohya reports for SD1.5: 16 x (2 proj + 8 attn + 2 ff)
+    for base in bases:
+        compvis = a1111_compvis_name(base)
+        assert compvis in mapping, f"{base} -> {compvis}: the WebUI would report 'failed to match keys'"
+        assert mapping[compvis] is lora.targets[base]
+    assert {f"{b}.{p}" for b in bases for p in ("lora_down.weight", "lora_up.weight", "alpha")} == set(keys)
+
+
+def test_patch_is_exact_and_comes_off(tmp_path):
+    unet = build_unet(SD15_UNET, **SMALL)
+    x, t, ctx = torch.randn(1, 4, 16, 16), torch.tensor([400.0]), torch.randn(1, 7, 768)
+    with torch.no_grad():
+        plain = unet(x, t, context=ctx)
+        lora = UNetLoRA(unet, rank=4, alpha=4).install()
+        assert torch.equal(unet(x, t, context=ctx), plain)  # lora_up starts at zero
+        _nonzero(lora)
+        dressed = unet(x, t, context=ctx)
+        lora.remove()
+        assert torch.equal(unet(x, t, context=ctx), plain)
+    assert (dressed - plain).abs().max() > 1e-4
+    assert not any("forward" in m.__dict__ for m in unet.modules())
+
+
+def test_saved_file_reloads_with_its_scale(tmp_path):
+    unet = build_unet(SD15_UNET, **SMALL)
+    trained = UNetLoRA(unet, rank=4, alpha=2)
+    _nonzero(trained, seed=3)
+    trained.save(tmp_path / "g.safetensors", metadata={"ss_output_name": "g"})
+    loaded = UNetLoRA(unet, rank=4, alpha=99)
+    meta = loaded.load_kohya(tmp_path / "g.safetensors")
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2" and meta["ss_output_name"] == "g"
+    key = next(iter(trained.targets))
+    module, layer = trained.targets[key], loaded.layers[key]
+    x = torch.randn(3, module.in_features if isinstance(module, torch.nn.Linear) else 1)
+    if isinstance(module, torch.nn.Linear):
+        want = (x @ layer.lora_down.weight.T.float() @ layer.lora_up.weight.T.float()) * 2 / 4  # alpha / dim
+        torch.testing.assert_close(layer.delta(x, 1.0), want, atol=1e-3, rtol=1e-3)  # saved in fp16
+        torch.testing.assert_close(layer.delta(x, 0.5), want * 0.5, atol=1e-3, rtol=1e-3)
