@@ -58,30 +58,26 @@ def block_prefixes(layers_per_block: int = 2, n_levels: int = 4) -> tuple[tuple[
 
 def diffusers_to_ldm(key: str, layers_per_block: int = 2) -> str:
     """One diffusers UNet key -> its ldm key; KeyError for a key outside the SD1.x UNet."""
-    for d_prefix, l_prefix, is_resnet in block_prefixes(layers_per_block):
-        if key.startswith(d_prefix):
-            rest = key[len(d_prefix) :]
-            if is_resnet:
-                for d_name, l_name in _RESNET.items():
-                    if rest.startswith(d_name):
-                        rest = l_name + rest[len(d_name) :]
-                        break
-            return l_prefix + rest
-    raise KeyError(f"'{key}' is not a key of an SD1.x diffusers UNet")
+    return _translate(key, layers_per_block, to_ldm=True)
 
 
 def ldm_to_diffusers(key: str, layers_per_block: int = 2) -> str:
     """One ldm UNet key -> its diffusers key (the inverse of `diffusers_to_ldm`)."""
+    return _translate(key, layers_per_block, to_ldm=False)
+
+
+def _translate(key: str, layers_per_block: int, *, to_ldm: bool) -> str:
     for d_prefix, l_prefix, is_resnet in block_prefixes(layers_per_block):
-        if key.startswith(l_prefix):
-            rest = key[len(l_prefix) :]
-            if is_resnet:
-                for d_name, l_name in _RESNET.items():
-                    if rest.startswith(l_name):
-                        rest = d_name + rest[len(l_name) :]
-                        break
-            return d_prefix + rest
-    raise KeyError(f"'{key}' is not a key of an SD1.x ldm UNet")
+        source, target = (d_prefix, l_prefix) if to_ldm else (l_prefix, d_prefix)
+        if key.startswith(source):
+            rest = key[len(source) :]
+            for d_name, l_name in _RESNET.items() if is_resnet else ():
+                old, new = (d_name, l_name) if to_ldm else (l_name, d_name)
+                if rest.startswith(old):
+                    rest = new + rest[len(old) :]
+                    break
+            return target + rest
+    raise KeyError(f"'{key}' is not a key of an SD1.x {'diffusers' if to_ldm else 'ldm'} UNet")
 
 
 def diffusers_attention_layer(name: str, layers_per_block: int = 2) -> str:
