@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -30,3 +32,18 @@ def upload_and_click_garment(page, photo: Path) -> dict:
     page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
     page.locator("#anydressing_segment_cutout img").wait_for(timeout=60000)
     return box
+
+
+@contextmanager
+def browser_page(url: str, height: int = 1200) -> Iterator:
+    """A page of Debian's headless chromium on `url`, closed afterwards."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": height})
+            page.goto(url)
+            yield page
+        finally:
+            browser.close()

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from browser import CHROMIUM, FLAGS, PHOTO_SIZE, upload_and_click_garment, write_photo
+from browser import CHROMIUM, PHOTO_SIZE, browser_page, upload_and_click_garment, write_photo
 
 playwright = pytest.importorskip("playwright.sync_api")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
@@ -54,10 +54,7 @@ def server(tmp_path):
 def test_click_on_garment_shows_mask(server):
     url, tmp = server
     write_photo(tmp / "photo.png")
-    with playwright.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1200})
-        page.goto(url)
+    with browser_page(url) as page:
         box = upload_and_click_garment(page, tmp / "photo.png")
         page.locator("#anydressing_segment_status").get_by_text("GrabCut").wait_for(timeout=10000)
         picture_left = box["x"] + (box["width"] - box["height"] * PHOTO_SIZE[0] / PHOTO_SIZE[1]) / 2
@@ -66,7 +63,6 @@ def test_click_on_garment_shows_mask(server):
         preview = page.locator("#anydressing_segment_preview img")
         preview.screenshot(path=str(tmp / "preview.png"))
         page.screenshot(path=str(tmp / "page.png"))
-        browser.close()
     shot = np.asarray(Image.open(tmp / "preview.png").convert("RGB")).astype(int)
     h, w = shot.shape[:2]
     beside_click = shot[h // 2 - 5 : h // 2 + 5, w // 3 - 5 : w // 3 + 5].reshape(-1, 3).mean(0)  # off the marker
@@ -78,10 +74,7 @@ def test_click_on_garment_shows_mask(server):
 def test_brush_stroke_subtracts_from_the_mask(server):
     url, tmp = server
     write_photo(tmp / "photo.png")
-    with playwright.sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1600})
-        page.goto(url)
+    with browser_page(url, height=1600) as page:
         upload_and_click_garment(page, tmp / "photo.png")
         page.get_by_text("Brush: paint over the preview").click()
         page.get_by_role("button", name="Load the preview to paint on").click()
@@ -96,7 +89,6 @@ def test_brush_stroke_subtracts_from_the_mask(server):
         page.get_by_role("button", name="Subtract strokes from the mask").click()
         page.wait_for_timeout(3000)
         page.locator("#anydressing_segment_preview img").screenshot(path=str(tmp / "brushed.png"))
-        browser.close()
     shot = np.asarray(Image.open(tmp / "brushed.png").convert("RGB")).astype(int)
     h, w = shot.shape[:2]
     on_stroke = shot[h // 2 - 3 : h // 2 + 3, w // 3 : w // 3 + 6].reshape(-1, 3).mean(0)

@@ -100,9 +100,9 @@ def test_cutout_sent_from_the_segment_tab_lands_in_a_garment_slot(ui, tmp_path):
     """A1111 builds each tab as its own Blocks and renders them into one page; so does this test."""
     import socket
 
-    from browser import CHROMIUM, FLAGS, upload_and_click_garment, write_photo
+    from browser import CHROMIUM, browser_page, upload_and_click_garment, write_photo
 
-    playwright = pytest.importorskip("playwright.sync_api")
+    pytest.importorskip("playwright.sync_api")
     if CHROMIUM is None:
         pytest.skip("Debian's chromium is not installed")
     from lib_anydressing.ui.app import build_tabs
@@ -124,10 +124,7 @@ def test_cutout_sent_from_the_segment_tab_lands_in_a_garment_slot(ui, tmp_path):
     page_blocks.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True)
     write_photo(tmp_path / "photo.png")
     try:
-        with playwright.sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 1400})
-            page.goto(f"http://127.0.0.1:{port}/")
+        with browser_page(f"http://127.0.0.1:{port}/", height=1400) as page:
             page.locator("button", has_text="AnyDressing").first.click()  # gradio 3 tabs are buttons
             upload_and_click_garment(page, tmp_path / "photo.png")
             page.locator("#anydressing_segment_send_to input").click()
@@ -136,6 +133,5 @@ def test_cutout_sent_from_the_segment_tab_lands_in_a_garment_slot(ui, tmp_path):
             slot = page.locator("#script_txt2img_anydressing_slot1_image img")
             slot.wait_for(state="attached", timeout=30000)
             assert page.locator("#script_txt2img_anydressing_slot0_image img").count() == 0
-            browser.close()
     finally:
         page_blocks.close()
