@@ -120,3 +120,15 @@ def test_call_on_another_batch_size_sees_no_garments(unet, garments):
         dresser.cond_rows, dresser.cond_batch = [1], 2
         sub_batch = layer.attn(tokens)
     assert torch.equal(sub_batch, layer.attn(tokens))
+
+
+def test_row_indices_built_once_per_layout_not_per_layer(unet, inputs, garments):
+    with torch.no_grad(), Dresser(unet, _features(unet, garments), DressingProjections.from_unet(unet)) as dresser:
+        dresser.cond_rows, dresser.cond_batch = [0], 2
+        run(unet, *inputs)
+        run(unet, *inputs)
+        assert len(dresser._row_split) == 1  # 10 layers x 2 calls, one layout: built once
+        dresser.cond_rows = [1]
+        run(unet, *inputs)
+        assert len(dresser._row_split) == 2
+    assert not dresser._row_split  # remove() drops them with the rest

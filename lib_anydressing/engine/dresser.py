@@ -81,6 +81,7 @@ class Dresser:
         self._patches: list[ForwardPatch] = []
         self._hook: Any = None
         self._biases: dict[tuple, tuple[Tensor, Tensor | None]] = {}
+        self._row_split: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     @property
     def installed(self) -> bool:
@@ -113,6 +114,7 @@ class Dresser:
             patch.restore()
         self._patches.clear()
         self._biases.clear()
+        self._row_split.clear()
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
@@ -178,24 +180,38 @@ class Dresser:
         if isinstance(x, Tensor) and x.ndim == 4:
             self._latent_hw = (x.shape[-2], x.shape[-1])
 
-    def _rows(self, batch: int, device: torch.device) -> Tensor:
-        if self.cond_batch is not None and batch != self.cond_batch:
-            return torch.empty(0, dtype=torch.long, device=device)
-        if self.cond_rows is None:
-            return torch.arange(batch, device=device)
-        rows = sorted(set(int(r) for r in self.cond_rows))
-        if rows and not 0 <= rows[0] <= rows[-1] < batch:
-            raise IndexError(f"conditional rows {rows} outside a batch of {batch}")
-        return torch.tensor(rows, dtype=torch.long, device=device)
+    def _rows(self, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(conditional rows, the other rows) of a call, as index tensors.
+
+        Built once per row layout and reused by all 16 layers of every call with that layout: no
+        per-layer host-to-device copy or device sync.
+        """
+        cond = None if self.cond_rows is None else tuple(sorted({int(r) for r in self.cond_rows}))
+        key = (cond, self.cond_batch, batch, device)
+        if key not in self._row_split:
+            if self.cond_batch is not None and batch != self.cond_batch:
+                rows: list[int] = []
+            elif cond is None:
+                rows = list(range(batch))
+            else:
+                if cond and not 0 <= cond[0] <= cond[-1] < batch:
+                    raise IndexError(f"conditional rows {list(cond)} outside a batch of {batch}")
+                rows = list(cond)
+            others = [i for i in range(batch) if i not in set(rows)]
+            self._row_split[key] = (
+                torch.tensor(rows, dtype=torch.long, device=device),
+                torch.tensor(others, dtype=torch.long, device=device),
+            )
+        return self._row_split[key]
 
     def _make_forward(self, state: _LayerState):
         def make(inner):
             def forward(x: Tensor, context: Tensor | None = None, *args: Any, **kwargs: Any) -> Tensor:
-                rows = self._rows(x.shape[0], x.device)
+                rows, others = self._rows(x.shape[0], x.device)
                 if not self.active or not self._kept or self.strength == 0 or rows.numel() == 0:
                     return inner(x, context, *args, **kwargs)
                 if self.projections is None:
-                    return self._joint(state, inner, x, context, rows, args, kwargs)
+                    return self._joint(state, inner, x, context, rows, others, args, kwargs)
                 out = inner(x, context, *args, **kwargs)
                 da = self._garment_term(state, x.index_select(0, rows))
                 return out.index_add(0, rows, da.to(out.dtype))
@@ -218,7 +234,7 @@ class Dresser:
             out = out * valid
         return F.linear(out, attn.to_out[0].weight) * self.strength
 
-    def _joint(self, state, inner, x, context, rows, args, kwargs) -> Tensor:
+    def _joint(self, state, inner, x, context, rows, others, args, kwargs) -> Tensor:
         """Frozen self-attention over [own tokens; garment tokens] for the conditional rows."""
         attn = state.layer.attn
         xr = x.index_select(0, rows)
@@ -233,9 +249,8 @@ class Dresser:
         g_bias, _ = self._bias(state, xr.shape[1], x.device, q.dtype)
         bias = torch.cat([g_bias.new_zeros(g_bias.shape[0], k_own.shape[2]), g_bias], dim=1)
         cond = attn.to_out(_merge_heads(self._attend(state, q, k, v, bias, garment_start=k_own.shape[2])))
-        if rows.numel() == x.shape[0]:
+        if others.numel() == 0:
             return cond
-        others = torch.tensor([i for i in range(x.shape[0]) if i not in set(rows.tolist())], device=x.device)
         other_ctx = None if context is None else context.index_select(0, others)
         rest = inner(x.index_select(0, others), other_ctx, *args, **kwargs)
         out = torch.empty((x.shape[0], *cond.shape[1:]), dtype=cond.dtype, device=cond.device)

@@ -39,10 +39,19 @@ class CachedPredictor:
         self.max_images = max_images
         self._cache: OrderedDict[str, tuple[torch.Tensor, tuple, tuple]] = OrderedDict()
         self.encoder_runs = 0
+        self._last: tuple[np.ndarray, str] | None = None  # the last array seen and its hash
 
     def set_image(self, image: np.ndarray) -> bool:
-        """Make `image` (H, W, 3 uint8 RGB) current; True if its embedding came from the cache."""
-        key = hashlib.sha1(image.tobytes() + repr(image.shape).encode() + self.model_id.encode()).hexdigest()
+        """Make `image` (H, W, 3 uint8 RGB) current; True if its embedding came from the cache.
+
+        The content hash that keys the cache is taken once per array: further clicks on the same
+        array (which nothing modifies in place) skip hashing a possibly many-megapixel photo.
+        """
+        if self._last is not None and self._last[0] is image:
+            key = self._last[1]
+        else:
+            key = hashlib.sha1(image.tobytes() + repr(image.shape).encode() + self.model_id.encode()).hexdigest()
+            self._last = (image, key)
         cached = self._cache.get(key)
         if cached is not None:
             self._cache.move_to_end(key)
