@@ -152,7 +152,7 @@ def build(sam_dirs: Callable[[], list[Path]], output_dir: Path, send_targets: li
         return (st, *render(st, *edits))
 
     def on_save(st: SegmentState, *edits):
-        outs = st.outputs(MaskEdits(int(edits[0]), int(edits[1]), *edits[2:5]), int(edits[6]))
+        outs = st.outputs(_edits(edits), int(edits[6]))
         if outs is None:
             return "Nothing to save yet: click on the garment first."
         names = []
@@ -223,7 +223,7 @@ def build(sam_dirs: Callable[[], list[Path]], output_dir: Path, send_targets: li
             chosen = Template.largest_object() if which == LARGEST else Template.from_state(st)
             report = segment_folder(
                 Path(folder.strip()), Path(out.strip()), chosen, SEGMENTER,
-                MaskEdits(int(edits[0]), int(edits[1]), *edits[2:5]), int(edits[6]),
+                _edits(edits), int(edits[6]),
                 lambda i, n, name: progress((i, n), desc=name),
             )  # fmt: skip
         except ValueError as e:
