@@ -7,7 +7,7 @@ import re
 import torch
 
 from lib_anydressing.engine.sd_unet import SD15_UNET, build_unet
-from lib_anydressing.training.kohya_lora import UNetLoRA
+from lib_anydressing.garment_lora.kohya_lora import UNetLoRA
 
 SMALL = {"model_channels": 32, "num_res_blocks": 2}  # SD1.5 block layout, narrow
 
