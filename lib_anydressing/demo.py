@@ -24,22 +24,10 @@ from .engine.sd_unet import SD15_UNET, build_unet, reinitialise
 from .images import ImageInputError, garment_tensor, tensor_to_image
 from .model_files import model_dirs, resolve_model
 from .sampling import ddim_sample, guidance_layout
+from .sd_checkpoint import LATENT_SCALE, TINY_VAE
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
 DEFAULT_GARMENTS = [DATA / "garment_top.png", DATA / "garment_trousers.png"]
-LATENT_SCALE = 0.18215  # SD1.x VAE scaling factor
-VAE_CONFIG = {
-    "double_z": True,
-    "z_channels": 4,
-    "resolution": 256,
-    "in_channels": 3,
-    "out_ch": 3,
-    "ch": 32,
-    "ch_mult": [1, 2, 4, 4],
-    "num_res_blocks": 1,
-    "attn_resolutions": [],
-    "dropout": 0.0,
-}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,7 +69,7 @@ def main(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     unet = build_unet(SD15_UNET, model_channels=args.model_channels, seed=args.seed)
-    encoder, decoder = Encoder(**VAE_CONFIG).eval(), Decoder(**VAE_CONFIG).eval()
+    encoder, decoder = Encoder(**TINY_VAE).eval(), Decoder(**TINY_VAE).eval()
     reinitialise(encoder, seed=args.seed + 1)
     reinitialise(decoder, seed=args.seed + 2)
     w, h = args.size
