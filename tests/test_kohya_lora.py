@@ -1,13 +1,16 @@
-"""The garment LoRA's file: kohya keys that the WebUI's Lora extension maps onto real modules, exact patching."""
+"""The garment LoRA's file: kohya keys that the WebUI's Lora extension maps onto real modules, exact patching,
+the hashes the WebUI computes."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 import torch
 
 from lib_anydressing.engine.sd_unet import SD15_UNET, build_unet
-from lib_anydressing.garment_lora.kohya_lora import UNetLoRA
+from lib_anydressing.garment_lora.kohya_lora import KohyaLoRA
+from lib_anydressing.sd_checkpoint import tiny_stable_diffusion
 
 SMALL = {"model_channels": 32, "num_res_blocks": 2}  # SD1.5 block layout, narrow
 
@@ -23,10 +26,21 @@ def a1111_compvis_name(key: str) -> str | None:
     if m := re.match(r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", key):
         b, kind, a, rest = int(m[1]), m[2], int(m[3]), m[4]
         return f"diffusion_model_output_blocks_{b * 3 + a}_{1 if kind == 'attentions' else 0}_{rest}"
+    if m := re.match(r"lora_te_text_model_encoder_layers_(\d+)_(.+)", key):  # SD1 (not SD2) branch
+        return f"transformer_text_model_encoder_layers_{m[1]}_{m[2]}"
     return None
 
 
-def _nonzero(lora: UNetLoRA, seed: int = 0) -> None:
+def a1111_module_names(unet, text_encoder) -> dict[str, torch.nn.Module]:
+    """A1111's assign_network_names_to_compvis_modules for SD1: module names of cond_stage_model.wrapped
+    (FrozenCLIPEmbedder, whose CLIPTextModel is `.transformer`) and of sd_model.model (the UNet is
+    `.diffusion_model`), dots replaced by underscores."""
+    names = {("diffusion_model." + n).replace(".", "_"): m for n, m in unet.named_modules()}
+    names.update({("transformer." + n).replace(".", "_"): m for n, m in text_encoder.named_modules()})
+    return names
+
+
+def _nonzero(lora: KohyaLoRA, seed: int = 0) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in lora.layers.values():
@@ -34,22 +48,44 @@ def _nonzero(lora: UNetLoRA, seed: int = 0) -> None:
 
 
 def test_every_key_maps_onto_the_module_it_trains(tmp_path):
-    unet = build_unet(SD15_UNET, **SMALL)
-    lora = UNetLoRA(unet, rank=4, alpha=2)
+    sd = tiny_stable_diffusion()
+    unet = build_unet(SD15_UNET, **SMALL, context_dim=64)
+    lora = KohyaLoRA(unet, rank=4, alpha=2, text_encoder=sd.text_encoder)
     path = tmp_path / "garment.safetensors"
     lora.save(path)
     from safetensors.torch import load_file
 
     keys = load_file(str(path)).keys()
-    # A1111 names the modules of sd_model.model, where the UNet is `diffusion_model`
-    mapping = {("diffusion_model." + n).replace(".", "_"): m for n, m in unet.named_modules()}
-    bases = {k.rsplit(".", 2)[0] if k.endswith("weight") else k.rsplit(".", 1)[0] for k in keys}
-    assert len(bases) == len(lora.targets) == 192  # as kohya reports for SD1.5: 16 x (2 proj + 8 attn + 2 ff)
+    mapping = a1111_module_names(unet, sd.text_encoder)
+    bases = {k.partition(".")[0] for k in keys}  # A1111 splits a key at its first dot
+    unet_keys = {b for b in bases if b.startswith("lora_unet_")}
+    te_keys = {b for b in bases if b.startswith("lora_te_")}
+    assert len(unet_keys) == 192  # as kohya reports for SD1.5: 16 x (2 proj + 8 attn + 2 ff)
+    assert len(te_keys) == 2 * 6  # per layer: q, k, v, out_proj, fc1, fc2 (72 for CLIP ViT-L's 12 layers)
+    assert unet_keys | te_keys == bases == set(lora.targets)
     for base in bases:
         compvis = a1111_compvis_name(base)
         assert compvis in mapping, f"{base} -> {compvis}: the WebUI would report 'failed to match keys'"
         assert mapping[compvis] is lora.targets[base]
+        assert isinstance(mapping[compvis], torch.nn.Linear | torch.nn.Conv2d)
     assert {f"{b}.{p}" for b in bases for p in ("lora_down.weight", "lora_up.weight", "alpha")} == set(keys)
+
+
+def test_saved_hashes_are_the_ones_the_webui_computes(tmp_path):
+    """The WebUI hashes a LoRA as sha256 of the file after its header (the "addnet" hash)."""
+    unet = build_unet(SD15_UNET, **SMALL)
+    lora = KohyaLoRA(unet, rank=4, alpha=2)
+    _nonzero(lora)
+    lora.save(tmp_path / "g.safetensors", metadata={"ss_output_name": "g"})
+    data = (tmp_path / "g.safetensors").read_bytes()
+    header = 8 + int.from_bytes(data[:8], "little")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "g.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["sshs_model_hash"] == hashlib.sha256(data[header:]).hexdigest()
+    assert re.fullmatch(r"[0-9a-f]{8}", meta["sshs_legacy_hash"])
+    assert meta["ss_network_train_unet_only"] == "True"
 
 
 def test_patch_is_exact_and_comes_off(tmp_path):
@@ -57,7 +93,7 @@ def test_patch_is_exact_and_comes_off(tmp_path):
     x, t, ctx = torch.randn(1, 4, 16, 16), torch.tensor([400.0]), torch.randn(1, 7, 768)
     with torch.no_grad():
         plain = unet(x, t, context=ctx)
-        lora = UNetLoRA(unet, rank=4, alpha=4).install()
+        lora = KohyaLoRA(unet, rank=4, alpha=4).install()
         assert torch.equal(unet(x, t, context=ctx), plain)  # lora_up starts at zero
         _nonzero(lora)
         dressed = unet(x, t, context=ctx)
@@ -69,10 +105,10 @@ def test_patch_is_exact_and_comes_off(tmp_path):
 
 def test_saved_file_reloads_with_its_scale(tmp_path):
     unet = build_unet(SD15_UNET, **SMALL)
-    trained = UNetLoRA(unet, rank=4, alpha=2)
+    trained = KohyaLoRA(unet, rank=4, alpha=2)
     _nonzero(trained, seed=3)
     trained.save(tmp_path / "g.safetensors", metadata={"ss_output_name": "g"})
-    loaded = UNetLoRA(unet, rank=4, alpha=99)
+    loaded = KohyaLoRA(unet, rank=4, alpha=99)
     meta = loaded.load_kohya(tmp_path / "g.safetensors")
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2" and meta["ss_output_name"] == "g"
     key = next(iter(trained.targets))
