@@ -7,12 +7,17 @@ Two ways to attend to the garments, chosen by whether projections are given:
 - joint (training-free): the garment tokens, projected by the layer's own W_k/W_v, join the frozen
   self-attention's keys and values (reference-only style); strength and weights are logit offsets.
 K'/V' depend only on the garments, so they are computed once at install, not at every step.
+
+Both ways are written once, on already-projected queries (and the layer's own keys/values), returning
+the attention output before to_out. The A1111 path (a forward patch on each attn1) projects and
+applies to_out around them; Forge's attn1 replace patches hand over exactly that projected form
+(`attend_projected`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +32,8 @@ from .regions import garment_bias
 from .unet_layers import SelfAttentionLayer, self_attention_layers, token_grid
 
 _MARKER = "_anydressing_dresser"
+
+Attention = Callable[[Tensor, Tensor, Tensor], Tensor]  # (q, k, v) each (B, T, inner) -> (B, T, inner)
 
 
 @dataclass
@@ -82,25 +89,38 @@ class Dresser:
         self._hook: Any = None
         self._biases: dict[tuple, tuple[Tensor, Tensor | None]] = {}
         self._row_split: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._states: dict[str, _LayerState] | None = None
 
     @property
     def installed(self) -> bool:
         return bool(self._patches)
 
+    def prepare(self) -> dict[str, SelfAttentionLayer]:
+        """Check features and projections against the UNet and compute the garment K/V, patching nothing.
+
+        The layers that will be dressed, by name. `install` patches them; the Forge adapter hands them
+        to Forge's UnetPatcher and calls `attend_projected` from there.
+        """
+        if self._states is None:
+            layers = self_attention_layers(self.unet)
+            missing = [layer.name for layer in layers if layer.name not in self.features.per_layer]
+            if missing:
+                raise ValueError(f"garment features lack layers {missing[:3]}: GarmentsNet and UNet do not match")
+            if self.projections is not None:
+                absent = [layer.name for layer in layers if layer.name not in self.projections.layer_names]
+                if absent:
+                    raise ValueError(f"Dressing-Attention projections lack layers {absent[:3]}")
+            self._states = {layer.name: self._layer_state(layer) for layer in layers}
+        return {name: state.layer for name, state in self._states.items()}
+
     def install(self) -> Dresser:
         """Patch the UNet. Any dresser already on it is removed first: installs never stack."""
         remove_dressing(self.unet)
-        layers = self_attention_layers(self.unet)
-        missing = [layer.name for layer in layers if layer.name not in self.features.per_layer]
-        if missing:
-            raise ValueError(f"garment features lack layers {missing[:3]}: GarmentsNet and UNet do not match")
-        if self.projections is not None:
-            absent = [layer.name for layer in layers if layer.name not in self.projections.layer_names]
-            if absent:
-                raise ValueError(f"Dressing-Attention projections lack layers {absent[:3]}")
+        self.prepare()
+        assert self._states is not None
         try:
-            for layer in layers:
-                self._patches.append(ForwardPatch(layer.attn, self._make_forward(self._layer_state(layer))))
+            for state in self._states.values():
+                self._patches.append(ForwardPatch(state.layer.attn, self._make_forward(state)))
             self._hook = self.unet.register_forward_pre_hook(self._record_latent_hw, with_kwargs=True)
             self.unet.__dict__[_MARKER] = self
         except BaseException:
@@ -113,6 +133,7 @@ class Dresser:
         for patch in reversed(self._patches):
             patch.restore()
         self._patches.clear()
+        self._states = None
         self._biases.clear()
         self._row_split.clear()
         if self._hook is not None:
@@ -180,16 +201,18 @@ class Dresser:
         if isinstance(x, Tensor) and x.ndim == 4:
             self._latent_hw = (x.shape[-2], x.shape[-1])
 
-    def _rows(self, batch: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    def _rows(
+        self, batch: int, device: torch.device, cond_rows: Sequence[int] | None, cond_batch: int | None
+    ) -> tuple[Tensor, Tensor]:
         """(conditional rows, the other rows) of a call, as index tensors.
 
         Built once per row layout and reused by all 16 layers of every call with that layout: no
         per-layer host-to-device copy or device sync.
         """
-        cond = None if self.cond_rows is None else tuple(sorted({int(r) for r in self.cond_rows}))
-        key = (cond, self.cond_batch, batch, device)
+        cond = None if cond_rows is None else tuple(sorted({int(r) for r in cond_rows}))
+        key = (cond, cond_batch, batch, device)
         if key not in self._row_split:
-            if self.cond_batch is not None and batch != self.cond_batch:
+            if cond_batch is not None and batch != cond_batch:
                 rows: list[int] = []
             elif cond is None:
                 rows = list(range(batch))
@@ -204,57 +227,101 @@ class Dresser:
             )
         return self._row_split[key]
 
+    def _dressing(self, rows: Tensor) -> bool:
+        return self.active and bool(self._kept) and self.strength != 0 and rows.numel() > 0
+
     def _make_forward(self, state: _LayerState):
+        """A1111: attn1's forward, with the frozen attention left to whatever forward is active."""
+        attn = state.layer.attn
+
         def make(inner):
             def forward(x: Tensor, context: Tensor | None = None, *args: Any, **kwargs: Any) -> Tensor:
-                rows, others = self._rows(x.shape[0], x.device)
-                if not self.active or not self._kept or self.strength == 0 or rows.numel() == 0:
+                rows, others = self._rows(x.shape[0], x.device, self.cond_rows, self.cond_batch)
+                if not self._dressing(rows):
                     return inner(x, context, *args, **kwargs)
-                if self.projections is None:
-                    return self._joint(state, inner, x, context, rows, others, args, kwargs)
-                out = inner(x, context, *args, **kwargs)
-                da = self._garment_term(state, x.index_select(0, rows))
-                return out.index_add(0, rows, da.to(out.dtype))
+                xr = x.index_select(0, rows)
+                if self.projections is not None:
+                    out = inner(x, context, *args, **kwargs)
+                    da = F.linear(self._garment_attention(state, attn.to_q(xr)), attn.to_out[0].weight)
+                    return out.index_add(0, rows, da.to(out.dtype))
+                ctx = xr if context is None else context.index_select(0, rows)
+                cond = attn.to_out(self._joint_attention(state, attn.to_q(xr), attn.to_k(ctx), attn.to_v(ctx)))
+                if others.numel() == 0:
+                    return cond
+                other_ctx = None if context is None else context.index_select(0, others)
+                return _merge_rows(rows, cond, others, inner(x.index_select(0, others), other_ctx, *args, **kwargs))
 
             return forward
 
         return make
 
+    def attend_projected(
+        self,
+        layer_name: str,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        frozen: Attention,
+        *,
+        cond_rows: Sequence[int],
+        latent_hw: tuple[int, int] | None = None,
+        plain: Attention | None = None,
+    ) -> Tensor:
+        """One dressed self-attention call from projected q, k, v (B, T, inner): the output before to_out.
+
+        This is the form Forge's attn1 replace patches receive and return. `frozen(q, k, v)` is the
+        attention the call would run without garments; `cond_rows` are the rows that see them.
+        `plain`, given when `frozen` is another extension's patch rather than the plain attention:
+        `frozen` then runs on the whole batch, as that extension expects, and the garments add their
+        change to its result (joint: joint attention minus `plain` on the conditional rows) instead of
+        replacing it. `latent_hw` is the UNet input's latent size, for region masks.
+        """
+        if self._states is None:
+            raise RuntimeError("prepare() the dresser before calling attend_projected")
+        state = self._states[layer_name]
+        if latent_hw is not None:
+            self._latent_hw = latent_hw
+        rows, others = self._rows(q.shape[0], q.device, cond_rows, None)
+        if not self._dressing(rows):
+            return frozen(q, k, v)
+        qr = q.index_select(0, rows)
+        if self.projections is not None:
+            out = frozen(q, k, v)
+            return out.index_add(0, rows, self._garment_attention(state, qr).to(out.dtype))
+        joint = self._joint_attention(state, qr, k.index_select(0, rows), v.index_select(0, rows))
+        if plain is not None:
+            out = frozen(q, k, v)
+            change = joint - plain(qr, k.index_select(0, rows), v.index_select(0, rows))
+            return out.index_add(0, rows, change.to(out.dtype))
+        if others.numel() == 0:
+            return joint
+        rest = frozen(q.index_select(0, others), k.index_select(0, others), v.index_select(0, others))
+        return _merge_rows(rows, joint, others, rest)
+
     def _kv(self, state: _LayerState) -> tuple[Tensor, Tensor]:
         return (state.k, state.v) if state.k is not None else self._garment_kv(state)
 
-    def _garment_term(self, state: _LayerState, x: Tensor) -> Tensor:
-        """lambda * softmax(Q K'^T / sqrt(d)) V' W_o^T for the conditional rows x: (R, T, C)."""
-        attn = state.layer.attn
-        q = _split_heads(attn.to_q(x), attn.heads)
+    def _garment_attention(self, state: _LayerState, q: Tensor) -> Tensor:
+        """lambda * softmax(Q K'^T / sqrt(d)) V' (eq. 6's garment term before to_out) for projected q: (R, T, inner)."""
+        qh = _split_heads(q, state.layer.attn.heads)
         k, v = self._kv(state)
-        bias, valid = self._bias(state, x.shape[1], x.device, q.dtype)
-        out = _merge_heads(self._attend(state, q, k.to(q.dtype), v.to(q.dtype), bias, garment_start=0, valid=valid))
+        bias, valid = self._bias(state, q.shape[1], q.device, q.dtype)
+        out = _merge_heads(self._attend(state, qh, k.to(q.dtype), v.to(q.dtype), bias, garment_start=0, valid=valid))
         if valid is not None:
             out = out * valid
-        return F.linear(out, attn.to_out[0].weight) * self.strength
+        return out * self.strength
 
-    def _joint(self, state, inner, x, context, rows, others, args, kwargs) -> Tensor:
-        """Frozen self-attention over [own tokens; garment tokens] for the conditional rows."""
-        attn = state.layer.attn
-        xr = x.index_select(0, rows)
-        ctx = xr if context is None else context.index_select(0, rows)
-        q = _split_heads(attn.to_q(xr), attn.heads)
-        k_own = _split_heads(attn.to_k(ctx), attn.heads)
-        v_own = _split_heads(attn.to_v(ctx), attn.heads)
+    def _joint_attention(self, state: _LayerState, q: Tensor, k_own: Tensor, v_own: Tensor) -> Tensor:
+        """Frozen self-attention over [own tokens; garment tokens], before to_out; all (R, T, inner)."""
+        heads = state.layer.attn.heads
+        qh, k_own, v_own = _split_heads(q, heads), _split_heads(k_own, heads), _split_heads(v_own, heads)
         k, v = self._kv(state)
-        r = xr.shape[0]
+        r = q.shape[0]
         k = torch.cat([k_own, k.to(q.dtype).expand(r, -1, -1, -1)], dim=2)
         v = torch.cat([v_own, v.to(q.dtype).expand(r, -1, -1, -1)], dim=2)
-        g_bias, _ = self._bias(state, xr.shape[1], x.device, q.dtype)
+        g_bias, _ = self._bias(state, q.shape[1], q.device, q.dtype)
         bias = torch.cat([g_bias.new_zeros(g_bias.shape[0], k_own.shape[2]), g_bias], dim=1)
-        cond = attn.to_out(_merge_heads(self._attend(state, q, k, v, bias, garment_start=k_own.shape[2])))
-        if others.numel() == 0:
-            return cond
-        other_ctx = None if context is None else context.index_select(0, others)
-        rest = inner(x.index_select(0, others), other_ctx, *args, **kwargs)
-        out = torch.empty((x.shape[0], *cond.shape[1:]), dtype=cond.dtype, device=cond.device)
-        return out.index_copy(0, rows, cond).index_copy(0, others, rest.to(cond.dtype))
+        return _merge_heads(self._attend(state, qh, k, v, bias, garment_start=k_own.shape[2]))
 
     def _attend(
         self,
@@ -285,6 +352,12 @@ def remove_dressing(unet: nn.Module) -> bool:
         return False
     dresser.remove()
     return True
+
+
+def _merge_rows(rows: Tensor, cond: Tensor, others: Tensor, rest: Tensor) -> Tensor:
+    """The batch back in order from its conditional rows and the other rows."""
+    out = torch.empty((rows.numel() + others.numel(), *cond.shape[1:]), dtype=cond.dtype, device=cond.device)
+    return out.index_copy(0, rows, cond).index_copy(0, others, rest.to(cond.dtype))
 
 
 def _split_heads(t: Tensor, heads: int) -> Tensor:
