@@ -1,0 +1,90 @@
+"""CLIP from a local folder (config.json + weights + processor files), never from a model hub.
+
+The folder is what `save_pretrained` writes for a transformers CLIPModel and its CLIPProcessor, e.g.
+a copy of openai/clip-vit-large-patch14: config.json, model.safetensors (or pytorch_model.bin),
+preprocessor_config.json and the tokenizer files. The weights are read with the project's safe loader
+(safetensors, or a pickle with weights_only=True), never with a plain torch.load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from transformers import CLIPConfig, CLIPModel, CLIPProcessor
+from transformers.modeling_utils import no_init_weights
+
+from ..weights_file import WeightsFileError, load_tensors
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+class ClipLoadError(WeightsFileError):
+    """A CLIP folder that cannot be used, with a message meant for the user."""
+
+
+def load_clip_model(folder: Path) -> CLIPModel:
+    """The CLIPModel of `folder`, in eval mode, on the CPU, float32."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise ClipLoadError(f"'{folder}' has no config.json: give the folder of a saved transformers CLIPModel")
+    weights = next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), None)
+    if weights is None:
+        raise ClipLoadError(f"'{folder}' has none of {', '.join(WEIGHT_FILES)}")
+    config = CLIPConfig.from_pretrained(folder, local_files_only=True)
+    if config.model_type != "clip":
+        raise ClipLoadError(f"'{folder}' holds a '{config.model_type}' model, not CLIP")
+    state_dict = load_tensors(weights, error=ClipLoadError)
+    with no_init_weights():  # every weight comes from the file; skip the random init of a large model
+        model = CLIPModel(config)
+    missing, _ = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]  # a buffer newer files leave out
+    if missing:
+        raise ClipLoadError(f"'{weights.name}' is not a CLIP checkpoint for this config: missing {missing[:3]}...")
+    return model.float().eval().requires_grad_(False)
+
+
+class ClipEncoder:
+    """Unit-length CLIP text and image embeddings, so a dot product is the cosine."""
+
+    def __init__(self, model: CLIPModel, processor: CLIPProcessor, device: str = "cpu", name: str = "") -> None:
+        self.model = model.to(device)
+        self.processor = processor
+        self.device = device
+        self.name = name
+
+    @classmethod
+    def from_folder(cls, folder: Path | str, device: str = "cpu") -> ClipEncoder:
+        folder = Path(folder)
+        model = load_clip_model(folder)
+        try:
+            processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ClipLoadError(
+                f"'{folder}' lacks the CLIP processor files (tokenizer, preprocessor_config.json)"
+            ) from e
+        return cls(model, processor, device, folder.name)
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.projection_dim
+
+    @torch.no_grad()
+    def texts(self, prompts: list[str]) -> Tensor:
+        """(B, D): prompts longer than the text model's context are truncated, as CLIP was trained."""
+        limit = self.model.config.text_config.max_position_embeddings
+        tokens = self.processor.tokenizer(prompts, padding=True, truncation=True, max_length=limit, return_tensors="pt")
+        features = self.model.get_text_features(
+            input_ids=tokens["input_ids"].to(self.device), attention_mask=tokens["attention_mask"].to(self.device)
+        )
+        return F.normalize(features.float(), dim=-1).cpu()
+
+    @torch.no_grad()
+    def images(self, images: list[Image.Image]) -> Tensor:
+        """(B, D): the processor's own resize and centre crop, as CLIP scores are usually taken."""
+        pixels = self.processor.image_processor([im.convert("RGB") for im in images], return_tensors="pt")
+        features = self.model.get_image_features(pixel_values=pixels["pixel_values"].to(self.device))
+        return F.normalize(features.float(), dim=-1).cpu()
