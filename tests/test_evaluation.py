@@ -167,6 +167,9 @@ def test_bad_model_files_are_refused_with_a_message(tmp_path, tiny_clip):
         load_aesthetic_head(tmp_path / "other.pth")
     with pytest.raises(ClipLoadError, match="config.json"):
         ClipEncoder.from_folder(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "clip_vision_model"}))
+    with pytest.raises(ClipLoadError, match="not a full CLIP"):  # an image encoder alone has no text side
+        ClipEncoder.from_folder(tmp_path)
     (tmp_path / "config.json").write_text((tiny_clip[0] / "config.json").read_text())
     with pytest.raises(ClipLoadError, match="model.safetensors"):
         ClipEncoder.from_folder(tmp_path)

@@ -22,9 +22,6 @@ from typing import Any
 import torch
 
 from ..weights_file import WeightsFileError
-from .aesthetic import load_aesthetic_head
-from .clip_models import ClipEncoder
-from .evaluate import evaluate, table
 
 PATH_KEYS = ("clip", "aesthetic", "aesthetic_clip", "manifest", "out")
 
@@ -83,6 +80,11 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
+    # imported here: the other commands of `python -m lib_anydressing` need not load transformers
+    from .aesthetic import load_aesthetic_head
+    from .clip_models import ClipEncoder
+    from .evaluate import evaluate, table
+
     try:
         s = settings(args)
         encoder = ClipEncoder.from_folder(s["clip"], s["device"])

@@ -8,6 +8,7 @@ preprocessor_config.json and the tokenizer files. The weights are read with the 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -31,12 +32,16 @@ def load_clip_model(folder: Path) -> CLIPModel:
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ClipLoadError(f"'{folder}' has no config.json: give the folder of a saved transformers CLIPModel")
+    try:
+        model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ClipLoadError(f"'{folder / 'config.json'}' is not a readable JSON object") from e
+    if model_type != "clip":  # e.g. an image encoder alone (clip_vision_model): CLIP-T needs the text side too
+        raise ClipLoadError(f"'{folder}' holds a '{model_type}' model, not a full CLIP (text and image)")
     weights = next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), None)
     if weights is None:
         raise ClipLoadError(f"'{folder}' has none of {', '.join(WEIGHT_FILES)}")
     config = CLIPConfig.from_pretrained(folder, local_files_only=True)
-    if config.model_type != "clip":
-        raise ClipLoadError(f"'{folder}' holds a '{config.model_type}' model, not CLIP")
     state_dict = load_tensors(weights, error=ClipLoadError)
     with no_init_weights():  # every weight comes from the file; skip the random init of a large model
         model = CLIPModel(config)
