@@ -19,7 +19,9 @@ Blank lines and lines starting with `#` are ignored.
 A sample that cannot be used (a missing or corrupt file, a mask of another size than its photo, no
 garments, an unknown category...) is skipped and counted in `DressingDataset.report` with the reason,
 never raised mid-training: cheap checks (files exist, headers, sizes) run when the dataset is opened,
-and a sample whose pixels fail to decode later is replaced by the next usable one.
+and a sample whose pixels fail to decode later is replaced by the next usable one. Such late skips
+are logged; with DataLoader workers they are counted in the worker's copy of the report, not the
+main process's.
 """
 
 from __future__ import annotations
