@@ -1,0 +1,155 @@
+"""AnyDressing's training losses (PAPER.md): L = L_LDM + (lambda1 / m) L_loc + lambda2 L_texture.
+
+Norms are the paper's squared L2 norms, i.e. sums over positions (and colour channels), not means;
+the paper's small lambdas (0.01 / m for L_loc, 0.001 for L_texture) are sized for sums. A batch's
+loss is the mean of its samples' losses.
+
+- L_LDM: MSE between the UNet's prediction and its target (the noise for eps models, v for v models).
+- L_loc (IGL): sum over the m Dressing-Attention layers of (1/N) sum_k ||A_k - M_k||^2, A_k the
+  attention mass each query puts on garment k (`Dresser(record_attention_mass=True)`), M_k garment
+  k's mask area-downsampled to that layer's token grid; (lambda1 / m) L_loc is lambda1 times the
+  average over layers.
+- L_texture (GTL), only for samples with t <= eta, 0 for the others: the one-step estimate
+  z0_hat = (z_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) decoded by the VAE to I_hat, then
+  L_perc = (1/N) sum_k DISTS(I_hat M_k, I M_k) and L_hf = (1/N) sum_k ||I_hat M'_k - I M'_k||^2 with
+  M'_k = M_k Canny(I). Images are compared in [0, 1] (outside a mask: black).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..engine.unet_layers import token_grid
+
+CANNY_THRESHOLDS = (100, 200)  # OpenCV's hysteresis thresholds on the 8-bit grey target image
+
+
+@dataclass
+class LossSwitches:
+    """Which terms count (ablations), and the paper's weights."""
+
+    ldm: bool = True
+    loc: bool = True
+    perc: bool = True
+    hf: bool = True
+    lambda_loc: float = 0.01
+    lambda_texture: float = 0.001
+    eta: int = 350
+
+
+def diffusion_target(x0: Tensor, noise: Tensor, abar_t: Tensor, prediction: str) -> Tensor:
+    """What the UNet learns to predict: the noise ("eps"), or v = sqrt(abar) eps - sqrt(1 - abar) x0 ("v")."""
+    if prediction == "eps":
+        return noise
+    if prediction == "v":
+        a = _expand(abar_t, x0)
+        return a.sqrt() * noise - (1 - a).sqrt() * x0
+    raise ValueError(f"unknown prediction type {prediction!r} (eps or v)")
+
+
+def predicted_noise(pred: Tensor, z_t: Tensor, abar_t: Tensor, prediction: str) -> Tensor:
+    """eps_theta from the UNet's output, whatever it predicts."""
+    if prediction == "eps":
+        return pred
+    if prediction == "v":
+        a = _expand(abar_t, z_t)
+        return a.sqrt() * pred + (1 - a).sqrt() * z_t
+    raise ValueError(f"unknown prediction type {prediction!r} (eps or v)")
+
+
+def ldm_loss(pred: Tensor, target: Tensor) -> Tensor:
+    return F.mse_loss(pred.float(), target.float())
+
+
+def localization_loss(attention_mass: Mapping[str, Tensor], masks: Tensor, latent_hw: tuple[int, int]) -> Tensor:
+    """Sum over layers of (1/N) sum_k ||A_k - M_k||^2, batch mean.
+
+    attention_mass: layer -> (B, T, N) from the Dresser; masks: (B, N, H, W) in the image (or latent)
+    frame; latent_hw: the UNet input's latent size, which fixes each layer's token grid.
+    """
+    if not attention_mass:
+        raise ValueError("no attention mass recorded: was the Dresser built with record_attention_mass=True?")
+    total = masks.new_zeros((), dtype=torch.float32)
+    for mass in attention_mass.values():
+        grid = token_grid(mass.shape[1], latent_hw)
+        m = F.interpolate(masks.float(), size=grid, mode="area").flatten(2).transpose(1, 2)  # (B, T, N)
+        total = total + ((mass.float() - m) ** 2).sum(1).mean(1).mean(0)
+    return total
+
+
+def predicted_x0(z_t: Tensor, eps: Tensor, abar_t: Tensor) -> Tensor:
+    """The one-step estimate z0_hat = (z_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
+    a = _expand(abar_t, z_t)
+    return (z_t - (1 - a).sqrt() * eps) / a.sqrt()
+
+
+def canny_edges(images: Tensor, thresholds: tuple[int, int] = CANNY_THRESHOLDS) -> Tensor:
+    """(B, 1, H, W) in {0, 1}: OpenCV's Canny edges of (B, 3, H, W) images in [-1, 1] (no gradient)."""
+    grey = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().cpu().numpy()
+    edges = [
+        cv2.Canny(np.ascontiguousarray(cv2.cvtColor(im.transpose(1, 2, 0), cv2.COLOR_RGB2GRAY)), *thresholds)
+        for im in grey
+    ]
+    return torch.from_numpy(np.stack(edges)[:, None] > 0).to(images.device, torch.float32)
+
+
+def perceptual_loss(
+    decoded: Tensor, target: Tensor, masks: Tensor, dists: Callable[[Tensor, Tensor], Tensor]
+) -> Tensor:
+    """Per sample (B,): (1/N) sum_k DISTS(I_hat M_k, I M_k); images (B, 3, H, W) in [-1, 1], masks (B, N, H, W)."""
+    b, n = masks.shape[:2]
+    m = masks[:, :, None].to(decoded.dtype)
+    x = (_unit(decoded)[:, None] * m).flatten(0, 1) * 2 - 1  # masked in [0, 1], given to DISTS in [-1, 1]
+    y = (_unit(target)[:, None] * m).flatten(0, 1) * 2 - 1
+    return dists(x, y).view(b, n).mean(1)
+
+
+def high_frequency_loss(decoded: Tensor, target: Tensor, masks: Tensor, edges: Tensor) -> Tensor:
+    """Per sample (B,): (1/N) sum_k ||I_hat M'_k - I M'_k||^2, M'_k = M_k * edges."""
+    m = (masks * edges).unsqueeze(2).to(decoded.dtype)  # (B, N, 1, H, W)
+    diff = _unit(decoded)[:, None] * m - _unit(target)[:, None] * m
+    return (diff.float() ** 2).sum((2, 3, 4)).mean(1)
+
+
+def texture_loss(
+    decode: Callable[[Tensor], Tensor],
+    z_t: Tensor,
+    eps: Tensor,
+    abar_t: Tensor,
+    t: Tensor,
+    target: Tensor,
+    masks: Tensor,
+    *,
+    eta: int,
+    dists: Callable[[Tensor, Tensor], Tensor] | None = None,
+    hf: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """(L_perc, L_hf) as batch means, 0 for samples with t > eta; only the samples with t <= eta are decoded.
+
+    decode: scaled latents -> images in [-1, 1] (the VAE); target: (B, 3, H, W) in [-1, 1].
+    """
+    zero = z_t.new_zeros((), dtype=torch.float32)
+    keep = (t <= eta).nonzero().flatten()
+    if keep.numel() == 0 or (dists is None and not hf):
+        return zero, zero
+    decoded = decode(predicted_x0(z_t[keep], eps[keep], abar_t[keep]))
+    image, m = target[keep].to(decoded.dtype), masks[keep]
+    batch = z_t.shape[0]
+    perc = perceptual_loss(decoded, image, m, dists).sum() / batch if dists is not None else zero
+    high = high_frequency_loss(decoded, image, m, canny_edges(image)).sum() / batch if hf else zero
+    return perc, high
+
+
+def _unit(images: Tensor) -> Tensor:
+    return (images + 1) / 2
+
+
+def _expand(abar_t: Tensor, like: Tensor) -> Tensor:
+    return abar_t.to(like.dtype).view(-1, *[1] * (like.ndim - 1))

@@ -1,0 +1,237 @@
+"""AnyDressing's losses and DISTS against plain implementations of PAPER.md's formulas, written here."""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from lib_anydressing.training import losses
+from lib_anydressing.training.dists import DISTS, N_MAPS, DISTSWeightsError, load_dists
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def vgg_state():
+    from torchvision.models import vgg16
+
+    torch.manual_seed(0)
+    return vgg16(weights=None).state_dict()  # the real class, random weights (no ImageNet file here)
+
+
+# --- L_LDM ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_targets_and_noise_estimate_invert_the_forward_process(prediction):
+    x0, eps = torch.randn(3, 4, 5, 6, generator=_gen(1)), torch.randn(3, 4, 5, 6, generator=_gen(2))
+    abar = torch.tensor([0.9, 0.5, 0.05], dtype=torch.float64).float()
+    a = abar.view(-1, 1, 1, 1)
+    z_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    target = losses.diffusion_target(x0, eps, abar, prediction)
+    want = eps if prediction == "eps" else a.sqrt() * eps - (1 - a).sqrt() * x0  # v of Salimans & Ho
+    torch.testing.assert_close(target, want)
+    # A perfect prediction gives back the true noise and, in one step, the clean latent (GTL's z0_hat).
+    noise = losses.predicted_noise(target, z_t, abar, prediction)
+    torch.testing.assert_close(noise, eps, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(losses.predicted_x0(z_t, noise, abar), x0, atol=1e-4, rtol=1e-4)
+    pred = target + 0.1
+    assert losses.ldm_loss(pred, target).item() == pytest.approx(0.01, rel=1e-4)
+
+
+# --- L_loc (IGL) ----------------------------------------------------------------------------------------------
+
+
+def test_localization_loss_matches_the_formula():
+    latent_hw = (4, 6)
+    n = 2
+    masks = (torch.rand(2, n, 32, 48, generator=_gen(3)) > 0.5).float()  # image frame: 8x the latent
+    mass = {  # (B, T, N) at two token grids: 4x6 and 2x3
+        "a": torch.rand(2, 24, n, generator=_gen(4)).softmax(-1),
+        "b": torch.rand(2, 6, n, generator=_gen(5)).softmax(-1),
+    }
+    got = losses.localization_loss(mass, masks, latent_hw)
+
+    def block_mean(m, h, w):  # the mask's average over each token's pixels
+        b, k, hh, ww = m.shape
+        return m.reshape(b, k, h, hh // h, w, ww // w).mean((3, 5))
+
+    want = 0.0
+    for a, (h, w) in ((mass["a"], (4, 6)), (mass["b"], (2, 3))):
+        m = block_mean(masks, h, w)
+        for b in range(2):
+            per_garment = [((a[b, :, k] - m[b, k].flatten()) ** 2).sum() for k in range(n)]
+            want += sum(per_garment) / n / 2  # (1/N) sum_k ||A_k - M_k||^2, batch mean
+    assert got.item() == pytest.approx(float(want), rel=1e-5)
+    with pytest.raises(ValueError, match="record_attention_mass"):
+        losses.localization_loss({}, masks, latent_hw)
+
+
+# --- L_hf and Canny -------------------------------------------------------------------------------------------
+
+
+def test_canny_marks_edges_of_the_target_only():
+    image = -torch.ones(1, 3, 32, 32)
+    image[:, :, :, 16:] = 1.0  # one vertical step at x = 16
+    edges = losses.canny_edges(image)
+    assert edges.shape == (1, 1, 32, 32) and set(edges.unique().tolist()) <= {0.0, 1.0}
+    cols = edges[0, 0].sum(0).nonzero().flatten().tolist()
+    assert cols and all(14 <= c <= 17 for c in cols)
+    assert losses.canny_edges(torch.zeros(1, 3, 32, 32)).sum() == 0  # flat image: no edge
+
+
+def test_high_frequency_loss_matches_the_formula():
+    decoded = torch.rand(2, 3, 16, 16, generator=_gen(6)) * 2 - 1
+    target = torch.rand(2, 3, 16, 16, generator=_gen(7)) * 2 - 1
+    masks = (torch.rand(2, 3, 16, 16, generator=_gen(8)) > 0.5).float()
+    edges = (torch.rand(2, 1, 16, 16, generator=_gen(9)) > 0.7).float()
+    got = losses.high_frequency_loss(decoded, target, masks, edges)
+    for b in range(2):
+        terms = []
+        for k in range(3):
+            m_prime = masks[b, k] * edges[b, 0]
+            i_hat, i = (decoded[b] + 1) / 2, (target[b] + 1) / 2
+            terms.append(((i_hat * m_prime - i * m_prime) ** 2).sum())
+        assert got[b].item() == pytest.approx(float(sum(terms) / 3), rel=1e-5)
+
+
+# --- DISTS ----------------------------------------------------------------------------------------------------
+
+
+def _plain_dists(vgg_state, x, y, alpha, beta):
+    """DISTS from the paper, step by step: VGG16 layers run one by one, max pooling -> Hann L2 pooling."""
+    from torchvision.models import vgg16
+
+    net = vgg16(weights=None).features
+    net.load_state_dict({k.removeprefix("features."): v for k, v in vgg_state.items() if k.startswith("features.")})
+    hann = torch.tensor([0.5, 1.0, 0.5])
+    g = torch.outer(hann, hann) / torch.outer(hann, hann).sum()
+
+    def l2pool(t):
+        c = t.shape[1]
+        sq = F.pad(t * t, (1, 1, 1, 1))
+        patches = sq.unfold(2, 3, 2).unfold(3, 3, 2)  # (B, C, H', W', 3, 3)
+        return ((patches * g).sum((-1, -2)) + 1e-12).sqrt().reshape(t.shape[0], c, *patches.shape[2:4])
+
+    def maps(img):
+        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        h = ((img + 1) / 2 - mean) / std
+        out = [h]
+        for i, layer in enumerate(net):
+            h = l2pool(h) if isinstance(layer, torch.nn.MaxPool2d) else layer(h)
+            if i in (3, 8, 15, 22, 29):  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+                out.append(h)
+        return out
+
+    total = alpha.sum() + beta.sum()
+    a, b = (alpha / total).flatten(), (beta / total).flatten()
+    s = torch.zeros(x.shape[0], dtype=torch.float64)
+    j = 0
+    for fx, fy in zip(maps(x), maps(y), strict=True):
+        for c in range(fx.shape[1]):
+            px, py = fx[:, c].flatten(1).double(), fy[:, c].flatten(1).double()
+            mx, my = px.mean(1), py.mean(1)
+            vx, vy = ((px - mx[:, None]) ** 2).mean(1), ((py - my[:, None]) ** 2).mean(1)
+            cov = ((px - mx[:, None]) * (py - my[:, None])).mean(1)
+            texture = (2 * mx * my + 1e-6) / (mx**2 + my**2 + 1e-6)
+            structure = (2 * cov + 1e-6) / (vx + vy + 1e-6)
+            s += a[j] * texture + b[j] * structure
+            j += 1
+    assert j == N_MAPS
+    return 1 - s
+
+
+def test_dists_matches_the_paper(vgg_state):
+    x = torch.rand(2, 3, 48, 40, generator=_gen(10)) * 2 - 1
+    y = (x + 0.3 * torch.randn(2, 3, 48, 40, generator=_gen(11))).clamp(-1, 1)
+    alpha, beta = torch.rand(N_MAPS, generator=_gen(12)), torch.rand(N_MAPS, generator=_gen(13))
+    model = DISTS(vgg_state, alpha, beta)
+    got = model(x, y)
+    want = _plain_dists(vgg_state, x, y, alpha, beta)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-4)
+    assert model.fitted
+    same = model(x, x)
+    assert same.abs().max() < 1e-5 and (got > 1e-4).all()
+    # Gradients reach the image, none the frozen network.
+    xg = x.clone().requires_grad_(True)
+    model(xg, y).sum().backward()
+    assert xg.grad.abs().sum() > 0 and all(p.grad is None for p in model.parameters())
+
+
+def test_dists_files_and_uniform_fallback(vgg_state, tmp_path, monkeypatch):
+    from lib_anydressing.training import dists as dists_module
+
+    monkeypatch.setattr(dists_module, "packaged_alpha_beta", lambda: None)
+    vgg_file = tmp_path / "vgg16.safetensors"
+    save_file({k: v.contiguous() for k, v in vgg_state.items()}, str(vgg_file))
+    uniform = load_dists(vgg_file)
+    assert not uniform.fitted
+    torch.testing.assert_close(uniform.alpha, torch.full((N_MAPS,), 1 / (2 * N_MAPS)))
+    ab_file = tmp_path / "weights.pt"
+    alpha = torch.rand(1, N_MAPS, 1, 1, generator=_gen(14))
+    torch.save({"alpha": alpha, "beta": alpha.flip(1)}, ab_file)
+    fitted = load_dists(vgg_file, ab_file)
+    assert fitted.fitted
+    torch.testing.assert_close(fitted.alpha * (2 * alpha.sum()), alpha.flatten())
+    broken = tmp_path / "vgg_broken.safetensors"
+    save_file({k: v.contiguous() for k, v in vgg_state.items() if "features.28" not in k}, str(broken))
+    with pytest.raises(DISTSWeightsError, match="features.28"):
+        load_dists(broken)
+
+
+def test_perceptual_loss_averages_dists_over_masked_garments(vgg_state):
+    model = DISTS(vgg_state)
+    decoded = torch.rand(1, 3, 32, 32, generator=_gen(15)) * 2 - 1
+    target = torch.rand(1, 3, 32, 32, generator=_gen(16)) * 2 - 1
+    masks = torch.zeros(1, 2, 32, 32)
+    masks[0, 0, :16], masks[0, 1, 16:] = 1, 1
+    got = losses.perceptual_loss(decoded, target, masks, model)
+    per_k = []
+    for k in range(2):
+        m = masks[0, k]
+        x = ((decoded[0] + 1) / 2 * m) * 2 - 1  # I_hat * M_k in [0, 1], passed to DISTS in [-1, 1]
+        y = ((target[0] + 1) / 2 * m) * 2 - 1
+        per_k.append(model(x[None], y[None]))
+    assert got.item() == pytest.approx(float(sum(per_k) / 2), rel=1e-5)
+
+
+# --- GTL: only t <= eta ---------------------------------------------------------------------------------------
+
+
+def test_texture_loss_only_for_samples_at_or_below_eta():
+    decoded_rows = []
+
+    def decode(z):
+        decoded_rows.append(z.shape[0])
+        return torch.tanh(z.mean(1, keepdim=True).repeat(1, 3, 1, 1))  # a stand-in decoder: latents -> images
+
+    z_t = torch.randn(3, 4, 8, 8, generator=_gen(17))
+    eps = torch.randn(3, 4, 8, 8, generator=_gen(18))
+    abar = torch.tensor([0.7, 0.4, 0.2])
+    t = torch.tensor([350, 351, 10])
+    target = torch.rand(3, 3, 8, 8, generator=_gen(19)) * 2 - 1
+    target[:, :, :, 4:] = 1  # an edge for Canny
+    masks = torch.ones(3, 1, 8, 8)
+    perc, hf = losses.texture_loss(decode, z_t, eps, abar, t, target, masks, eta=350, hf=True)
+    assert decoded_rows == [2] and perc.item() == 0  # rows 0 and 2 decoded; no DISTS given
+    want = 0.0
+    for b in (0, 2):
+        a = abar[b]
+        z0 = (z_t[b] - math.sqrt(1 - a) * eps[b]) / math.sqrt(a)
+        image = decode(z0[None])[0]
+        grey = cv2.cvtColor(((target[b] + 1) * 127.5).round().byte().permute(1, 2, 0).numpy(), cv2.COLOR_RGB2GRAY)
+        edge = torch.from_numpy(cv2.Canny(np.ascontiguousarray(grey), 100, 200) > 0).float()
+        want += float(((((image + 1) / 2) * edge - ((target[b] + 1) / 2) * edge) ** 2).sum())
+    assert hf.item() == pytest.approx(want / 3, rel=1e-5)  # the batch mean counts the t > eta row as 0
+    decoded_rows.clear()
+    none = losses.texture_loss(decode, z_t, eps, abar, torch.tensor([351, 999, 400]), target, masks, eta=350)
+    assert decoded_rows == [] and all(v.item() == 0 for v in none)
