@@ -99,8 +99,10 @@ def import_images(
             number += 1
         except (ImageInputError, ValueError) as e:
             report.append(ImportResult(name, f"skipped: {e}"))
-        except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as e:
-            report.append(ImportResult(name, f"skipped: unreadable ({type(e).__name__}: {e})"))
+        except UnidentifiedImageError:
+            report.append(ImportResult(name, "skipped: unreadable: not an image PIL can read, or a corrupt one"))
+        except (Image.DecompressionBombError, OSError, SyntaxError) as e:
+            report.append(ImportResult(name, f"skipped: unreadable: {e}"))
     return report
 
 
