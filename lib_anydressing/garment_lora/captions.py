@@ -108,4 +108,11 @@ def captioner(trigger: str, class_word: str, tagger_dir: str = "", threshold: fl
     except (TaggerError, OSError, ValueError) as e:
         return template, f"captions: the template, because the tagger cannot run: {e}"
     known = frozenset(split_tags(trigger) + split_tags(class_word))
-    return (lambda picture: template_caption(trigger, class_word, tagger.tags(picture, known))), "captions: WD14 tags"
+
+    def tagged(picture) -> str:
+        try:
+            return template_caption(trigger, class_word, tagger.tags(picture, known))
+        except TaggerError:  # one image the tagger cannot read keeps the template; the import goes on
+            return template(picture)
+
+    return tagged, "captions: WD14 tags"

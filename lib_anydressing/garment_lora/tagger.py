@@ -102,5 +102,8 @@ class WD14Tagger:
         session = self.session()
         first = session.get_inputs()[0]
         size = first.shape[1] if isinstance(first.shape[1], int) else DEFAULT_SIZE
-        probs = session.run(None, {first.name: preprocess(image, size)})[0][0]
+        try:
+            probs = session.run(None, {first.name: preprocess(image, size)})[0][0]
+        except Exception as e:  # onnxruntime's own error classes: a model that is not a WD14 tagger
+            raise TaggerError(f"the tagger failed on this image: {e}") from e
         return postprocess(np.asarray(probs), self.labels, self.threshold, exclude)
