@@ -172,7 +172,8 @@ def tiny_stable_diffusion(seed: int = 0, *, prediction: str = "eps", **unet_over
     reinitialise(text_encoder, seed=seed + 1)
     vae = _autoencoder(TINY_VAE, embed_dim=4)
     reinitialise(vae, seed=seed + 2)
-    overrides = {"context_dim": TINY_TEXT["hidden_size"], **unet_overrides}
+    # SD1.5's two res blocks per level: kohya's key names (diffusers block numbers) assume that layout
+    overrides = {"context_dim": TINY_TEXT["hidden_size"], "num_res_blocks": 2, **unet_overrides}
     unet = build_unet(TINY_UNET, seed=seed, **overrides)
     model = StableDiffusion(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, prediction=prediction)
     for module in model.modules().values():

@@ -1,0 +1,610 @@
+"""Train a garment LoRA on a dataset folder: images (RGBA: alpha = loss mask) + same-name `.txt` captions.
+
+The API the tab and the headless command call:
+
+    model = load_sd_checkpoint(path)            # or a StableDiffusion over the WebUI's loaded modules
+    config = TrainConfig(dataset_dir=..., output_dir=..., name="red_shirt", **PRESETS["12 GB"])
+    result = train_lora(model, config, on_progress=callback, stop=threading.Event())
+
+The LoRA is patched onto the user's modules and comes off on every path (done, interrupted, NaN,
+exception); it is never merged, the base weights get no gradient and their requires_grad flags are
+restored as found. State is saved at each epoch end and on interrupt (`<name>-state.pt`: LoRA,
+optimizer, scaler, step, RNG), and a later call with `resume=True` continues exactly where it stopped.
+A NaN/inf loss stops the run before the bad update, keeping the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+from ..images import ImageInputError, garment_tensor, tensor_to_image
+from ..sampling import ddim_sample
+from ..sd_checkpoint import StableDiffusion
+from .captions import read_captions, ss_tag_frequency
+from .kohya_lora import KohyaLoRA
+from .memory import training_patches
+
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,99}$")
+PRECISIONS = ("fp32", "fp16", "bf16")
+
+# Settings by GPU memory, for SD1.5 at 512x512 (the rest of TrainConfig keeps its defaults).
+PRESETS: dict[str, dict[str, object]] = {
+    "8 GB": {"batch_size": 1, "mixed_precision": "fp16", "gradient_checkpointing": True, "cache_latents": True},
+    "12 GB": {"batch_size": 2, "mixed_precision": "fp16", "gradient_checkpointing": True, "cache_latents": True},
+    "16+ GB": {"batch_size": 2, "mixed_precision": "fp16", "gradient_checkpointing": False, "cache_latents": True},
+}
+
+
+class TrainingError(ValueError):
+    """A run that cannot start (bad name, dataset, settings), with a message meant for the user."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs besides the model; the headless command reads the same keys from TOML."""
+
+    dataset_dir: Path
+    output_dir: Path
+    name: str
+    resolution: int = 512
+    buckets: bool = False  # aspect buckets (sides multiples of 64, about resolution^2 pixels) instead of squares
+    rank: int = 16
+    alpha: float = 8.0
+    train_text_encoder: bool = False
+    learning_rate: float = 1e-4
+    text_encoder_lr: float = 5e-5
+    lr_warmup_steps: int = 0
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    epochs: int = 10
+    max_steps: int = 0  # optimizer steps; 0: epochs decide
+    batch_size: int = 1
+    grad_accumulation: int = 1
+    mixed_precision: str = "fp32"  # fp32, fp16 (CUDA only, with a GradScaler) or bf16
+    optimizer: str = "adamw8bit"  # "adamw8bit" uses bitsandbytes when importable on CUDA, else AdamW
+    cache_latents: bool = True
+    gradient_checkpointing: bool = False
+    sdpa: bool = True  # headless: SDPA attention; the WebUI passes False and keeps its own optimisation
+    min_snr_gamma: float = 0.0  # 0: off; 5 is the usual value
+    noise_offset: float = 0.0
+    masked_loss: bool = True  # alpha channel = where the loss counts
+    save_every_epochs: int = 1
+    sample_every_epochs: int = 0  # 0: no samples
+    sample_prompt: str = ""  # default: the first caption
+    sample_steps: int = 20
+    seed: int = 0
+    resume: bool = True  # continue a run whose state file exists
+    overwrite: bool = False  # replace an existing <name>.safetensors
+    base_model_name: str = ""
+
+    def __post_init__(self) -> None:
+        self.dataset_dir, self.output_dir = Path(self.dataset_dir), Path(self.output_dir)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, object]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise TrainingError(f"unknown setting(s): {', '.join(unknown)}")
+        return cls(**values)  # type: ignore[arg-type]
+
+
+@dataclass
+class Progress:
+    """What the progress bar shows; `loss` is this step's, `losses` the curve so far."""
+
+    step: int
+    total: int
+    epoch: int
+    loss: float
+    sec_per_step: float
+    eta_s: float
+    losses: list[float] = field(repr=False, default_factory=list)
+    sample: Path | None = None
+
+
+@dataclass
+class TrainResult:
+    status: str  # "done", "interrupted" or "nan"
+    message: str
+    output: Path | None  # the final LoRA (done) or None
+    last_checkpoint: Path | None  # the newest good LoRA file written
+    step: int
+    losses: list[float]
+    samples: list[Path]
+    skipped: list[str]  # dataset files that could not be used, with the reason
+
+
+@dataclass
+class _Item:
+    pixels: Tensor  # (3, H, W) in [-1, 1]
+    mask: Tensor  # (H/8, W/8) latent-resolution weight in [0, 1]
+    caption: str
+
+
+def check_name(name: str) -> str:
+    """The output name, refused (not rewritten) when it could leave the output folder or clash with the OS."""
+    name = name.strip()
+    if name.endswith(".safetensors"):
+        name = name[: -len(".safetensors")]
+    if not NAME.match(name) or ".." in name:
+        raise TrainingError(
+            f"'{name}' is not a usable LoRA name: use letters, digits, space, '_', '-', '.', at most 100, "
+            "starting with a letter or digit (no folders)"
+        )
+    return name
+
+
+def train_lora(
+    model: StableDiffusion,
+    config: TrainConfig,
+    *,
+    on_progress: Callable[[Progress], None] | None = None,
+    stop: threading.Event | None = None,
+) -> TrainResult:
+    """Train, save `<output_dir>/<name>.safetensors` (kohya format, ss_*/sshs_*/modelspec.* metadata).
+
+    Raises TrainingError before touching the model when the run cannot start. Any exception during
+    training propagates after the model has been restored.
+    """
+    name = check_name(config.name)
+    _check_settings(config, model)
+    output = config.output_dir / f"{name}.safetensors"
+    state_path = config.output_dir / f"{name}-state.pt"
+    resuming = config.resume and state_path.is_file()
+    if output.exists() and not config.overwrite and not resuming:
+        raise TrainingError(f"'{output}' exists: choose another name or allow overwriting")
+    if state_path.exists() and not resuming and not config.overwrite:
+        raise TrainingError(f"a previous run's state '{state_path.name}' exists: resume it or allow overwriting")
+    items, skipped = _load_dataset(config)
+    config.output_dir.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):  # the LoRA's init is seeded without moving the user's RNG
+        torch.manual_seed(config.seed)
+        text_encoder = model.text_encoder if config.train_text_encoder else None
+        lora = KohyaLoRA(model.unet, config.rank, config.alpha, text_encoder=text_encoder).to(model.device)
+    with (
+        _frozen(model),
+        training_patches(model.unet, gradient_checkpointing=config.gradient_checkpointing, sdpa=config.sdpa),
+    ):
+        try:
+            lora.install()
+            run = _Run(model, config, name, lora, items, skipped, on_progress, stop)
+            if resuming:
+                run.load_state(state_path)
+            return run.train()
+        finally:
+            lora.remove()
+
+
+@contextmanager
+def _frozen(model: StableDiffusion) -> Iterator[None]:
+    """No base weight gets a gradient; requires_grad flags are put back exactly as found."""
+    params = [p for module in model.modules().values() for p in module.parameters()]
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+
+
+class _Run:
+    def __init__(self, model, config, name, lora, items, skipped, on_progress, stop) -> None:
+        self.model, self.config, self.name, self.lora, self.items = model, config, name, lora, items
+        self.skipped, self.on_progress, self.stop = skipped, on_progress, stop or threading.Event()
+        self.device = model.device
+        self.precision = config.mixed_precision
+        groups = [{"params": [p for k, p in self.lora.named_parameters() if "lora_te_" not in k]}]
+        if config.train_text_encoder:
+            te = [p for k, p in self.lora.named_parameters() if "lora_te_" in k]
+            groups.append({"params": te, "lr": config.text_encoder_lr})
+        self.optimizer, self.optimizer_name = _optimizer(groups, config, self.device)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        self.scaler = torch.cuda.amp.GradScaler(enabled=self.precision == "fp16")
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.step, self.losses, self.samples = 0, [], []
+        self.batches = _batches_per_epoch(items, config.batch_size)
+        self.steps_per_epoch = math.ceil(self.batches / config.grad_accumulation)
+        epochs_steps = config.epochs * self.steps_per_epoch
+        self.total = min(config.max_steps, epochs_steps) if config.max_steps else epochs_steps
+        self.last_checkpoint: Path | None = None
+        self.started = datetime.now(timezone.utc)
+        self.latents = self._cache_latents() if config.cache_latents else None
+        self.contexts = None if config.train_text_encoder else self._encode_captions()
+        self.token_ids = model.tokenize([item.caption for item in items])
+
+    # --- the loop ---------------------------------------------------------------------------------------
+
+    def train(self) -> TrainResult:
+        accumulation = self.config.grad_accumulation
+        timer, timed_steps = time.perf_counter(), 0
+        while self.step < self.total:
+            epoch = self.step // self.steps_per_epoch
+            order = self._epoch_order(epoch)
+            micro, running = 0, 0.0
+            for index in range(self.step % self.steps_per_epoch * accumulation, len(order)):
+                loss = self._loss(order[index])
+                if not torch.isfinite(loss):
+                    return self._nan_stop()
+                self.scaler.scale(loss / accumulation).backward()
+                running += loss.item()
+                micro += 1
+                if micro < accumulation and index + 1 < len(order):
+                    continue
+                self._optimizer_step()  # the epoch's last step may gather fewer batches
+                self.losses.append(running / micro)
+                micro, running = 0, 0.0
+                timed_steps += 1
+                sample = self._epoch_end(epoch + 1) if index + 1 == len(order) else None
+                self._report(epoch + 1, (time.perf_counter() - timer) / timed_steps, sample)
+                if self.step >= self.total:
+                    break
+                if self.stop.is_set():
+                    return self._interrupted()
+        self.lora.save(self.output_path, self._metadata(final=True))
+        self.state_path.unlink(missing_ok=True)  # the run is complete: nothing left to resume
+        self.last_checkpoint = self.output_path
+        return self._result("done", f"saved {self.output_path.name} after {self.step} steps", self.output_path)
+
+    def _result(self, status: str, message: str, output: Path | None = None) -> TrainResult:
+        return TrainResult(
+            status, message, output, self.last_checkpoint, self.step, self.losses, self.samples, self.skipped
+        )
+
+    def _loss(self, batch: list[int]) -> Tensor:
+        model, config, gen = self.model, self.config, self.generator
+        with torch.no_grad():
+            if self.latents is not None:
+                latents = torch.stack([self.latents[i] for i in batch]).to(self.device)
+            else:
+                pixels = torch.stack([self.items[i].pixels for i in batch])
+                with self._autocast():
+                    latents = model.encode_images(pixels, generator=gen).float()
+        noise = torch.randn(latents.shape, generator=gen)
+        if config.noise_offset:
+            noise = noise + config.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=gen)
+        noise = noise.to(self.device)
+        timesteps = torch.randint(0, len(model.alphas_cumprod), (len(batch),), generator=gen)
+        abar = model.alphas_cumprod[timesteps].to(self.device, torch.float32).view(-1, 1, 1, 1)
+        noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
+        target = noise if model.prediction == "eps" else abar.sqrt() * noise - (1 - abar).sqrt() * latents
+        with self._autocast():
+            if self.contexts is not None:
+                context = torch.stack([self.contexts[i] for i in batch]).to(self.device)
+            else:
+                context = model.encode_text(self.token_ids[batch])
+            pred = model.unet(noisy.to(self._unet_dtype()), timesteps.to(self.device), context=context)
+        mask = torch.stack([self.items[i].mask for i in batch]).to(self.device)
+        weights = snr_weights(abar.view(-1), config.min_snr_gamma, model.prediction)
+        return masked_mse(pred.float(), target, mask if config.masked_loss else None, weights)
+
+    def _optimizer_step(self) -> None:
+        factor = min(1.0, (self.step + 1) / self.config.lr_warmup_steps) if self.config.lr_warmup_steps else 1.0
+        for group, lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            group["lr"] = lr * factor
+        self.scaler.unscale_(self.optimizer)
+        if self.config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.lora.parameters(), self.config.max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+
+    def _epoch_end(self, epoch: int) -> Path | None:
+        config = self.config
+        every = config.save_every_epochs
+        if every and (epoch % every == 0) and self.step < self.total:
+            path = config.output_dir / f"{self.name}-{epoch:06d}.safetensors"
+            self.lora.save(path, self._metadata(final=False, epoch=epoch))
+            self.last_checkpoint = path
+            self.save_state()
+        if config.sample_every_epochs and epoch % config.sample_every_epochs == 0:
+            return self._sample(epoch)
+        return None
+
+    def _report(self, epoch: int, per_step: float, sample: Path | None) -> None:
+        if self.on_progress is not None:
+            eta = per_step * (self.total - self.step)
+            self.on_progress(
+                Progress(self.step, self.total, epoch, self.losses[-1], per_step, eta, self.losses, sample)
+            )
+
+    def _nan_stop(self) -> TrainResult:
+        self.optimizer.zero_grad(set_to_none=True)
+        kept = (
+            f"the last good checkpoint is {self.last_checkpoint.name}" if self.last_checkpoint else "no checkpoint yet"
+        )
+        message = (
+            f"the loss became NaN/inf at step {self.step + 1}; training stopped ({kept}). "
+            "Try a lower learning rate, bf16 or fp32, or check the images."
+        )
+        return self._result("nan", message)
+
+    def _interrupted(self) -> TrainResult:
+        path = self.config.output_dir / f"{self.name}-step{self.step:06d}.safetensors"
+        self.lora.save(path, self._metadata(final=False))
+        self.last_checkpoint = path
+        self.save_state()
+        message = f"interrupted at step {self.step}/{self.total}; resume continues from there ({path.name} saved)"
+        return self._result("interrupted", message)
+
+    # --- state --------------------------------------------------------------------------------------------
+
+    @property
+    def output_path(self) -> Path:
+        return self.config.output_dir / f"{self.name}.safetensors"
+
+    @property
+    def state_path(self) -> Path:
+        return self.config.output_dir / f"{self.name}-state.pt"
+
+    def _fingerprint(self) -> str:
+        """The settings a resumed run must share with the saved one to continue it exactly."""
+        keys = ("rank", "alpha", "train_text_encoder", "batch_size", "grad_accumulation", "resolution", "buckets")
+        values = {k: getattr(self.config, k) for k in keys}
+        return json.dumps({**values, "images": len(self.items), "seed": self.config.seed}, sort_keys=True)
+
+    def save_state(self) -> None:
+        state = {
+            "lora": self.lora.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "generator": self.generator.get_state(),
+            "losses": torch.tensor(self.losses, dtype=torch.float64),
+            "fingerprint": self._fingerprint(),
+            "last_checkpoint": str(self.last_checkpoint.name) if self.last_checkpoint else "",
+        }
+        tmp = self.state_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.state_path)
+
+    def load_state(self, path: Path) -> None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a truncated or foreign file: say so rather than crash
+            raise TrainingError(f"the saved state '{path.name}' cannot be read ({e}); delete it to start over") from e
+        if state.get("fingerprint") != self._fingerprint():
+            raise TrainingError(
+                f"'{path.name}' was saved with other settings or another dataset "
+                f"({state.get('fingerprint')}); resume with the same ones, or allow overwriting to start over"
+            )
+        self.lora.load_state_dict(state["lora"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["generator"])
+        self.step = int(state["step"])
+        self.losses = state["losses"].tolist()
+        if state["last_checkpoint"]:
+            self.last_checkpoint = self.config.output_dir / state["last_checkpoint"]
+
+    # --- data -----------------------------------------------------------------------------------------------
+
+    def _epoch_order(self, epoch: int) -> list[list[int]]:
+        """The epoch's batches: shuffled within same-size groups (buckets), then shuffled; seeded per epoch,
+        so a resumed run rebuilds the same order."""
+        gen = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, item in enumerate(self.items):
+            groups.setdefault(tuple(item.pixels.shape[1:]), []).append(i)
+        batches = []
+        for members in groups.values():
+            shuffled = [members[j] for j in torch.randperm(len(members), generator=gen).tolist()]
+            size = self.config.batch_size
+            batches += [shuffled[k : k + size] for k in range(0, len(shuffled), size)]
+        return [batches[j] for j in torch.randperm(len(batches), generator=gen).tolist()]
+
+    @torch.no_grad()
+    def _cache_latents(self) -> list[Tensor]:
+        gen = torch.Generator().manual_seed(self.config.seed + 1)
+        with self._autocast():
+            return [self.model.encode_images(item.pixels[None], generator=gen)[0].float().cpu() for item in self.items]
+
+    @torch.no_grad()
+    def _encode_captions(self) -> list[Tensor]:
+        with self._autocast():
+            return [self.model.encode_text([item.caption])[0].cpu() for item in self.items]
+
+    # --- precision ------------------------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return nullcontext()
+        dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _unet_dtype(self) -> torch.dtype:
+        return next(self.model.unet.parameters()).dtype
+
+    # --- outputs ---------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _sample(self, epoch: int) -> Path:
+        model, config = self.model, self.config
+        prompt = config.sample_prompt or self.items[0].caption
+        side = config.resolution // 8
+        noise = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(config.seed)).to(self.device)
+        with self._autocast():
+            context = torch.cat([model.encode_text([prompt]), model.encode_text([""])])
+            abar = model.alphas_cumprod.to(self.device, torch.float32)
+
+            def eps(x: Tensor, t: Tensor) -> Tensor:
+                out = model.unet(x.to(self._unet_dtype()), t, context=context).float()
+                if model.prediction == "v":  # eps = sqrt(abar) v + sqrt(1 - abar) x_t
+                    a = abar[t.long()].view(-1, 1, 1, 1)
+                    out = a.sqrt() * out + (1 - a).sqrt() * x
+                return out
+
+            latents = ddim_sample(eps, noise, steps=config.sample_steps, guidance=7.0)
+            image = model.decode_latents(latents)[0].float()
+        folder = config.output_dir / f"{self.name}-samples"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"epoch{epoch:04d}.png"
+        tensor_to_image(image).save(path)
+        self.samples.append(path)
+        return path
+
+    def _metadata(self, *, final: bool, epoch: int | None = None) -> dict[str, str]:
+        config, model = self.config, self.model
+        epoch = epoch or math.ceil(self.step / self.steps_per_epoch)
+        side = config.resolution
+        values = {
+            "ss_output_name": self.name,
+            "ss_sd_model_name": config.base_model_name,
+            "ss_v2": "False",
+            "ss_resolution": f"({side}, {side})",
+            "ss_enable_bucket": str(config.buckets),
+            "ss_num_train_images": str(len(self.items)),
+            "ss_num_batches_per_epoch": str(self.batches),
+            "ss_num_epochs": str(math.ceil(self.total / self.steps_per_epoch)),
+            "ss_epoch": str(epoch),
+            "ss_steps": str(self.step),
+            "ss_max_train_steps": str(self.total),
+            "ss_learning_rate": str(config.learning_rate),
+            "ss_unet_lr": str(config.learning_rate),
+            "ss_text_encoder_lr": str(config.text_encoder_lr if config.train_text_encoder else 0.0),
+            "ss_lr_scheduler": "constant_with_warmup" if config.lr_warmup_steps else "constant",
+            "ss_lr_warmup_steps": str(config.lr_warmup_steps),
+            "ss_optimizer": self.optimizer_name,
+            "ss_batch_size_per_device": str(config.batch_size),
+            "ss_gradient_accumulation_steps": str(config.grad_accumulation),
+            "ss_total_batch_size": str(config.batch_size * config.grad_accumulation),
+            "ss_mixed_precision": {"fp32": "no"}.get(self.precision, self.precision),
+            "ss_gradient_checkpointing": str(config.gradient_checkpointing),
+            "ss_cache_latents": str(config.cache_latents),
+            "ss_min_snr_gamma": str(config.min_snr_gamma or None),
+            "ss_noise_offset": str(config.noise_offset or None),
+            "ss_max_grad_norm": str(config.max_grad_norm),
+            "ss_clip_skip": str(model.clip_skip),
+            "ss_seed": str(config.seed),
+            "ss_masked_loss": str(config.masked_loss),
+            "ss_training_started_at": str(self.started.timestamp()),
+            "ss_training_finished_at": str(datetime.now(timezone.utc).timestamp()) if final else "",
+            "ss_tag_frequency": ss_tag_frequency(config.dataset_dir),
+            "modelspec.date": self.started.date().isoformat(),
+            "modelspec.resolution": f"{side}x{side}",
+            "modelspec.prediction_type": "epsilon" if model.prediction == "eps" else "v",
+            "modelspec.title": self.name,
+        }
+        return values
+
+
+def masked_mse(pred: Tensor, target: Tensor, mask: Tensor | None, weights: Tensor | None = None) -> Tensor:
+    """Mean squared error per sample over the mask's area (every channel), weighted per sample, then averaged.
+
+    `mask` (B, h, w) in [0, 1] at latent resolution; None: every position counts.
+    """
+    error = (pred - target).square().mean(dim=1)  # (B, h, w): over channels
+    if mask is None:
+        per_sample = error.mean(dim=(1, 2))
+    else:
+        per_sample = (error * mask).sum(dim=(1, 2)) / mask.sum(dim=(1, 2)).clamp_min(1e-6)
+    if weights is not None:
+        per_sample = per_sample * weights
+    return per_sample.mean()
+
+
+def snr_weights(abar: Tensor, gamma: float, prediction: str) -> Tensor | None:
+    """Min-SNR-gamma (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v; None when off."""
+    if not gamma:
+        return None
+    snr = abar / (1 - abar)
+    return snr.clamp(max=gamma) / (snr if prediction == "eps" else snr + 1)
+
+
+def _check_settings(config: TrainConfig, model: StableDiffusion) -> None:
+    problems = []
+    if config.mixed_precision not in PRECISIONS:
+        problems.append(f"mixed_precision must be one of {', '.join(PRECISIONS)}")
+    elif config.mixed_precision == "fp16" and model.device.type != "cuda":
+        problems.append("fp16 mixed precision needs a CUDA GPU; use bf16 or fp32")
+    dtype = next(model.unet.parameters()).dtype
+    if dtype != torch.float32 and config.mixed_precision == "fp32":
+        problems.append(f"the model is in {dtype}: choose fp16 or bf16 mixed precision")
+    if config.resolution % 64 or config.resolution < 64:
+        problems.append("resolution must be a multiple of 64")
+    for key in ("rank", "epochs", "batch_size", "grad_accumulation"):
+        if getattr(config, key) < 1:
+            problems.append(f"{key} must be at least 1")
+    if config.learning_rate <= 0 or config.alpha <= 0:
+        problems.append("learning_rate and alpha must be positive")
+    if config.optimizer not in ("adamw", "adamw8bit"):
+        problems.append("optimizer must be adamw or adamw8bit")
+    if problems:
+        raise TrainingError("; ".join(problems))
+
+
+def _optimizer(groups: list[dict], config: TrainConfig, device: torch.device):
+    if config.optimizer == "adamw8bit" and device.type == "cuda":
+        try:
+            import bitsandbytes as bnb
+
+            opt = bnb.optim.AdamW8bit(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
+            return opt, "bitsandbytes.optim.AdamW8bit"
+        except ImportError:
+            pass
+    return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay), "torch.optim.AdamW"
+
+
+def _batches_per_epoch(items: list[_Item], batch_size: int) -> int:
+    sizes: dict[tuple[int, ...], int] = {}
+    for item in items:
+        sizes[tuple(item.pixels.shape)] = sizes.get(tuple(item.pixels.shape), 0) + 1
+    return sum(math.ceil(n / batch_size) for n in sizes.values())
+
+
+def bucket_size(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """About resolution^2 pixels at the photo's aspect ratio, sides multiples of 64 (at most 2 x resolution)."""
+    scale = resolution / math.sqrt(width * height)
+    side = lambda n: int(min(2 * resolution, max(64, round(n * scale / 64) * 64)))  # noqa: E731
+    return side(width), side(height)
+
+
+def _load_dataset(config: TrainConfig) -> tuple[list[_Item], list[str]]:
+    """Every image with its caption; unusable files are listed with the reason, not fatal unless none is left."""
+    if not config.dataset_dir.is_dir():
+        raise TrainingError(f"the dataset folder '{config.dataset_dir}' does not exist")
+    items, skipped = [], []
+    for path, caption in read_captions(config.dataset_dir).items():
+        try:
+            with Image.open(path) as image:
+                image.load()
+                size = (config.resolution,) * 2
+                if config.buckets:
+                    size = bucket_size(image.width, image.height, config.resolution)
+                pixels, mask = garment_tensor(image, size)
+        except (ImageInputError, UnidentifiedImageError, OSError, ValueError) as e:
+            skipped.append(f"{path.name}: {e}")
+            continue
+        if mask is None:
+            mask = torch.ones(pixels.shape[1:])
+        latent_mask = F.avg_pool2d(mask[None, None], 8)[0, 0]  # the share of each latent cell inside the garment
+        if latent_mask.sum() == 0:
+            skipped.append(f"{path.name}: the alpha channel is empty (nothing to learn)")
+            continue
+        items.append(_Item(pixels, latent_mask, caption))
+    if not items:
+        detail = f" ({'; '.join(skipped)})" if skipped else ""
+        raise TrainingError(f"'{config.dataset_dir}' has no usable images{detail}")
+    return items, skipped
+
+
+def config_dict(config: TrainConfig) -> dict[str, object]:
+    """The config as plain values (paths as strings), e.g. for a settings file."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}

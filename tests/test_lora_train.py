@@ -1,0 +1,322 @@
+"""Garment LoRA training on the real ldm UNet / VAE and a transformers CLIPTextModel (tiny, random weights).
+
+References are computed here independently: the LoRA applied by merging up @ down * alpha / dim into a
+copy of the weights (how the WebUI's Lora extension applies it), the masked loss as a plain formula.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from lib_anydressing.engine.forward_patch import ForwardPatch
+from lib_anydressing.engine.sd_unet import SD15_UNET, build_unet
+from lib_anydressing.garment_lora.kohya_lora import KohyaLoRA
+from lib_anydressing.garment_lora.memory import training_patches
+from lib_anydressing.garment_lora.trainer import (
+    TrainConfig,
+    TrainingError,
+    check_name,
+    masked_mse,
+    snr_weights,
+    train_lora,
+)
+from lib_anydressing.sd_checkpoint import tiny_stable_diffusion
+
+SIDE = 64  # pixels; latents are 8x8
+HIDDEN_ROWS = 16  # the top 16 pixel rows are transparent: latent rows 0-1 are outside the garment
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_stable_diffusion(seed=2)
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    return _dataset(tmp_path / "data")
+
+
+def _dataset(folder, outside_seed: int = 0):
+    """3 noisy RGBA pictures; the RGB of the transparent rows comes from `outside_seed`."""
+    folder.mkdir()
+    rng, outside = np.random.default_rng(0), np.random.default_rng(outside_seed)
+    for i in range(3):
+        pixels = rng.integers(0, 256, (SIDE, SIDE, 4), dtype=np.uint8)
+        pixels[..., 3] = 255
+        pixels[:HIDDEN_ROWS, :, :3] = outside.integers(0, 256, (HIDDEN_ROWS, SIDE, 3), dtype=np.uint8)
+        pixels[:HIDDEN_ROWS, :, 3] = 0
+        Image.fromarray(pixels, "RGBA").save(folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text(["shirt", "red shirt", "shirt, dress"][i])
+    return folder
+
+
+def _config(dataset, out, **kw) -> TrainConfig:
+    values = {"resolution": SIDE, "rank": 4, "alpha": 2.0, "learning_rate": 3e-3, "epochs": 2, "save_every_epochs": 1}
+    return TrainConfig(dataset_dir=dataset, output_dir=out, name="garment", **{**values, **kw})
+
+
+def _snapshot(model):
+    return {
+        name: ({k: v.clone() for k, v in m.state_dict().items()}, [p.requires_grad for p in m.parameters()])
+        for name, m in model.modules().items()
+    }
+
+
+def _assert_untouched(model, snapshot):
+    for name, module in model.modules().items():
+        state, flags = snapshot[name]
+        assert all(torch.equal(v, state[k]) for k, v in module.state_dict().items()), name
+        assert [p.requires_grad for p in module.parameters()] == flags, name
+        assert not any("forward" in m.__dict__ for m in module.modules()), f"{name}: a patch was left on"
+
+
+def _fixed_loss(model, dataset, lora_file=None) -> float:
+    """MSE of the noise prediction on fixed noise and timesteps, computed here without the trainer."""
+    images = sorted(dataset.glob("*.png"))
+    pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), np.float32)) for p in images])
+    gen = torch.Generator().manual_seed(7)
+    lora = None
+    if lora_file is not None:
+        lora = KohyaLoRA(model.unet, rank=4, alpha=1.0)
+        lora.load_kohya(lora_file)
+        lora.install()
+    try:
+        with torch.no_grad():
+            # the trainer composites transparent pixels on white: do the same, independently
+            alpha = torch.stack([torch.from_numpy(np.asarray(Image.open(p), np.float32)[..., 3:]) for p in images])
+            rgb = pixels * alpha / 255 + 255 * (1 - alpha / 255)
+            latents = model.encode_images((rgb / 127.5 - 1).permute(0, 3, 1, 2))
+            context = model.encode_text([p.with_suffix(".txt").read_text() for p in images])
+            total = 0.0
+            for t in (100, 400, 700):
+                noise = torch.randn(latents.shape, generator=gen)
+                abar = model.alphas_cumprod[t].float()
+                noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
+                pred = model.unet(noisy, torch.full((3,), t), context=context)
+                total += (pred - noise)[:, :, 2:].square().mean().item()  # rows 0-1 are outside the garment
+    finally:
+        if lora is not None:
+            lora.remove()
+    return total / 3
+
+
+def test_overfits_three_images_and_leaves_the_model_as_found(model, dataset, tmp_path):
+    model.unet.input_blocks[0][0].weight.requires_grad_(True)  # a flag the user had set is put back as found
+    before = _snapshot(model)
+    start = _fixed_loss(model, dataset)
+    progress = []
+    config = _config(dataset, tmp_path / "out", epochs=40, batch_size=3, save_every_epochs=0, learning_rate=1e-2)
+    result = train_lora(model, config, on_progress=progress.append)
+    assert result.status == "done" and result.step == 40 == len(result.losses)
+    _assert_untouched(model, before)
+    model.unet.input_blocks[0][0].weight.requires_grad_(False)
+    end = _fixed_loss(model, dataset, result.output)
+    assert end < 0.65 * start, (start, end)
+    assert [p.step for p in progress] == list(range(1, 41)) and progress[-1].eta_s == 0 and progress[0].sec_per_step > 0
+    with safe_open(str(result.output), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0" and meta["ss_num_train_images"] == "3"
+    assert meta["ss_num_epochs"] == "40" and meta["ss_resolution"] == "(64, 64)" and meta["ss_output_name"] == "garment"
+    assert '"shirt": 2' in meta["ss_tag_frequency"] and meta["modelspec.prediction_type"] == "epsilon"
+    assert meta["sshs_model_hash"] and meta["ss_learning_rate"] == "0.01"
+
+
+def test_applied_file_changes_outputs_by_the_scaled_delta(model, dataset, tmp_path):
+    """Patched from the file == the weights merged with up @ down * alpha / dim (the WebUI's way)."""
+    result = train_lora(model, _config(dataset, tmp_path / "out", epochs=2, save_every_epochs=0))
+    tensors = load_file(str(result.output))
+    merged = copy.deepcopy(model.unet)
+    lora = KohyaLoRA(model.unet, rank=4, alpha=99.0)
+    lora.load_kohya(result.output)
+    with torch.no_grad():
+        for key, module in KohyaLoRA(merged, rank=4).targets.items():
+            down, up = tensors[f"{key}.lora_down.weight"].float(), tensors[f"{key}.lora_up.weight"].float()
+            scale = tensors[f"{key}.alpha"].item() / down.shape[0]
+            assert scale == 2.0 / 4
+            delta = up.flatten(1) @ down.flatten(1) * scale
+            module.weight += delta.view(module.weight.shape)
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([50, 600])
+    with torch.no_grad():
+        context = model.encode_text(["red shirt", "dress"])
+        plain = model.unet(x, t, context=context)
+        lora.install()
+        patched = model.unet(x, t, context=context)
+        lora.remove()
+        want = merged(x, t, context=context)
+    assert (patched - plain).abs().max() > 1e-3
+    torch.testing.assert_close(patched, want, atol=1e-5, rtol=1e-4)
+
+
+def test_masked_loss_ignores_everything_outside_the_alpha(model, dataset, tmp_path):
+    """Transparent pixels' colours, and the prediction outside the mask, change neither loss nor LoRA."""
+    plain = train_lora(model, _config(dataset, tmp_path / "a", epochs=1))
+    other = _dataset(tmp_path / "recoloured", outside_seed=5)
+    assert not np.array_equal(np.asarray(Image.open(other / "000.png")), np.asarray(Image.open(dataset / "000.png")))
+    recoloured = train_lora(model, _config(other, tmp_path / "b", epochs=1))
+    assert recoloured.losses == plain.losses
+
+    def garbage_outside(inner):
+        def forward(*args, **kwargs):
+            out = inner(*args, **kwargs).clone()
+            out[:, :, :2] += 1e3  # latent rows 0-1: outside the garment
+            return out
+
+        return forward
+
+    patch = ForwardPatch(model.unet, garbage_outside)
+    try:
+        disturbed = train_lora(model, _config(dataset, tmp_path / "c", epochs=1))
+    finally:
+        patch.restore()
+    assert disturbed.losses == plain.losses
+    a, b = load_file(str(plain.output)), load_file(str(disturbed.output))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    unmasked = train_lora(model, _config(dataset, tmp_path / "d", epochs=1, masked_loss=False))
+    assert unmasked.losses != plain.losses
+
+
+def test_masked_mse_and_min_snr_match_their_formulas():
+    gen = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 4, 3, 5, generator=gen), torch.randn(2, 4, 3, 5, generator=gen)
+    mask = torch.rand(2, 3, 5, generator=gen)
+    want = []
+    for b in range(2):
+        cells = [(c, i, j) for c in range(4) for i in range(3) for j in range(5)]
+        weighted = sum(mask[b, i, j] * (pred[b, c, i, j] - target[b, c, i, j]) ** 2 for c, i, j in cells)
+        want.append(weighted / (4 * mask[b].sum()))
+    weights = torch.tensor([0.5, 2.0])
+    torch.testing.assert_close(masked_mse(pred, target, mask, weights), (want[0] * 0.5 + want[1] * 2.0) / 2)
+    torch.testing.assert_close(masked_mse(pred, target, None), (pred - target).square().mean())
+    abar = torch.tensor([0.99, 0.5, 0.01])
+    snr = [0.99 / 0.01, 1.0, 0.01 / 0.99]
+    torch.testing.assert_close(snr_weights(abar, 5.0, "eps"), torch.tensor([5 / snr[0], 1.0, 1.0]))
+    torch.testing.assert_close(
+        snr_weights(abar, 5.0, "v"), torch.tensor([5 / (snr[0] + 1), 1 / 2, snr[2] / (snr[2] + 1)])
+    )
+    assert snr_weights(abar, 0.0, "eps") is None
+
+
+def _unet_calls_fail_from(model, call: int, failure):
+    count = {"n": 0}
+
+    def make(inner):
+        def forward(*args, **kwargs):
+            count["n"] += 1
+            return failure(inner(*args, **kwargs)) if count["n"] >= call else inner(*args, **kwargs)
+
+        return forward
+
+    return ForwardPatch(model.unet, make)
+
+
+def test_nan_loss_stops_cleanly_keeping_the_last_good_checkpoint(model, dataset, tmp_path):
+    before = _snapshot(model)
+    patch = _unet_calls_fail_from(model, 5, lambda out: out * float("nan"))  # 3 steps per epoch: NaN in epoch 2
+    try:
+        result = train_lora(model, _config(dataset, tmp_path / "out", epochs=3))
+    finally:
+        patch.restore()
+    assert result.status == "nan" and "NaN" in result.message and "garment-000001" in result.message
+    assert result.step == 4 and result.output is None and not (tmp_path / "out" / "garment.safetensors").exists()
+    kept = load_file(str(result.last_checkpoint))
+    assert result.last_checkpoint.name == "garment-000001.safetensors"
+    assert all(torch.isfinite(v).all() for v in kept.values())
+    _assert_untouched(model, before)
+
+
+def test_an_exception_leaves_the_model_bit_identical(model, dataset, tmp_path):
+    before = _snapshot(model)
+
+    def boom(out):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    patch = _unet_calls_fail_from(model, 2, boom)
+    try:
+        with pytest.raises(RuntimeError, match="simulated"):
+            train_lora(model, _config(dataset, tmp_path / "out", gradient_checkpointing=True))
+    finally:
+        patch.restore()
+    _assert_untouched(model, before)
+
+
+def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(model, dataset, tmp_path):
+    whole = train_lora(model, _config(dataset, tmp_path / "whole"))
+    stop = threading.Event()
+
+    def stop_at_4(progress):
+        if progress.step == 4:  # mid-epoch 2
+            stop.set()
+
+    first = train_lora(model, _config(dataset, tmp_path / "split"), on_progress=stop_at_4, stop=stop)
+    assert first.status == "interrupted" and first.step == 4 and first.output is None
+    assert (tmp_path / "split" / "garment-state.pt").is_file()
+    steps = []
+    second = train_lora(model, _config(dataset, tmp_path / "split"), on_progress=lambda p: steps.append(p.step))
+    assert second.status == "done" and steps == [5, 6]
+    assert second.losses == whole.losses
+    a, b = load_file(str(whole.output)), load_file(str(second.output))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "split" / "garment-state.pt").exists()  # finished: nothing left to resume
+    halt = threading.Event()
+    train_lora(model, _config(dataset, tmp_path / "again"), on_progress=lambda p: halt.set(), stop=halt)
+    with pytest.raises(TrainingError, match="other settings"):
+        train_lora(model, _config(dataset, tmp_path / "again", rank=8))
+
+
+def test_text_encoder_lora_trains_and_is_saved(model, dataset, tmp_path):
+    before = _snapshot(model)
+    result = train_lora(model, _config(dataset, tmp_path / "out", train_text_encoder=True, epochs=1))
+    tensors = load_file(str(result.output))
+    te_up = [v for k, v in tensors.items() if k.startswith("lora_te_") and "lora_up" in k]
+    assert len(te_up) == 12 and all(v.abs().max() > 0 for v in te_up)  # 2 layers x 6 targets, all trained
+    _assert_untouched(model, before)
+
+
+@pytest.mark.parametrize("name", ["../x", "a/b", "..", "", " ", ".hidden", "c:\\x", "x" * 101])
+def test_bad_names_are_refused(name):
+    with pytest.raises(TrainingError, match="not a usable LoRA name"):
+        check_name(name)
+
+
+def test_existing_output_is_not_overwritten_without_consent(model, dataset, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "garment.safetensors").write_bytes(b"the user's file")
+    with pytest.raises(TrainingError, match="exists"):
+        train_lora(model, _config(dataset, out))
+    assert (out / "garment.safetensors").read_bytes() == b"the user's file"
+    assert check_name(" my shirt.v2.safetensors ") == "my shirt.v2"
+
+
+def test_ldm_checkpointing_flags_are_replaced_by_one_that_reaches_the_lora():
+    """The WebUI's SD1 config turns ldm's reentrant checkpoint on; it would starve a patched LoRA of gradients."""
+    unet = build_unet(SD15_UNET, model_channels=32, context_dim=64, use_checkpoint=True)
+    lora = KohyaLoRA(unet, rank=2, alpha=2).install()
+    with torch.no_grad():
+        for layer in lora.layers.values():
+            layer.lora_up.weight.normal_(std=0.05)
+    x, t, c = torch.randn(1, 4, 8, 8), torch.tensor([300]), torch.randn(1, 77, 64)
+
+    def grads(**kw):
+        lora.zero_grad()
+        with training_patches(unet, **kw):
+            unet(x, t, context=c).square().mean().backward()
+        return torch.cat(
+            [p.grad.flatten() if p.grad is not None else torch.zeros(p.numel()) for p in lora.parameters()]
+        )
+
+    plain = grads(gradient_checkpointing=False, sdpa=False)
+    assert plain.abs().max() > 0 and (plain != 0).float().mean() > 0.5
+    torch.testing.assert_close(grads(gradient_checkpointing=True, sdpa=False), plain)
+    torch.testing.assert_close(grads(gradient_checkpointing=True, sdpa=True), plain, atol=1e-6, rtol=1e-4)
+    lora.remove()
+    assert all(m.checkpoint for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock")
+    assert all(m.use_checkpoint for m in unet.modules() if type(m).__name__ == "ResBlock")
