@@ -1,4 +1,5 @@
-"""The AnyDressing tab of the WebUI (Segment garment); built by lib_anydressing.ui like the standalone app."""
+"""The AnyDressing tab of the WebUI (Segment garment, Train garment LoRA); built by lib_anydressing.ui like
+the standalone app."""
 
 from pathlib import Path
 
@@ -7,6 +8,7 @@ from modules import paths, script_callbacks
 from lib_anydressing.segment import api
 from lib_anydressing.ui.app import EXTENSION_SAM_DIR, build_tabs
 from lib_anydressing.ui.segment_tab import SEGMENTER, SendTarget
+from lib_anydressing.webui.lora_training import WebUIHost
 from lib_anydressing.webui.ui import SLOT_IMAGES
 
 INPAINT_UPLOAD = {}  # A1111's img2img "Inpaint upload" photo and mask, caught as they are created
@@ -35,7 +37,7 @@ def send_targets() -> list[SendTarget]:
 
 def on_ui_tabs():
     output_dir = Path(paths.data_path) / "outputs" / "anydressing"
-    return [(build_tabs(sam_dirs, output_dir, send_targets()), "AnyDressing", "anydressing")]
+    return [(build_tabs(sam_dirs, output_dir, send_targets(), WebUIHost()), "AnyDressing", "anydressing")]
 
 
 script_callbacks.on_after_component(catch_inpaint_upload)

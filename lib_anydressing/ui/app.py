@@ -7,17 +7,25 @@ from pathlib import Path
 
 import gradio as gr
 
-from . import segment_tab
+from . import lora_tab, segment_tab
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 EXTENSION_SAM_DIR = ROOT / "models" / "sam"
 
 
 def build_tabs(
-    sam_dirs: Callable[[], list[Path]], output_dir: Path, send_targets: list[segment_tab.SendTarget] = ()
+    sam_dirs: Callable[[], list[Path]],
+    output_dir: Path,
+    send_targets: list[segment_tab.SendTarget] = (),
+    lora_host: lora_tab.TrainingHost | None = None,
 ) -> gr.Blocks:
-    with gr.Blocks(analytics_enabled=False, title="AnyDressing") as blocks, gr.Tabs(), gr.Tab("Segment garment"):
-        segment_tab.build(sam_dirs, output_dir, list(send_targets))
+    """`lora_host`: the WebUI's loaded model and models/Lora; standalone, a checkpoint file and outputs/Lora."""
+    host = lora_host or lora_tab.CheckpointHost(output_dir / "Lora")
+    with gr.Blocks(analytics_enabled=False, title="AnyDressing") as blocks, gr.Tabs():
+        with gr.Tab("Segment garment"):
+            segment_tab.build(sam_dirs, output_dir, list(send_targets))
+        with gr.Tab("Train garment LoRA"):
+            lora_tab.build(sam_dirs, output_dir, host)
     return blocks
 
 

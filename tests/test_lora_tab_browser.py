@@ -1,0 +1,99 @@
+"""The standalone 'Train garment LoRA' tab in a real browser (Debian's headless chromium, playwright).
+
+Photos put where the Segment tab's "Add to LoRA dataset" saves are imported with one click, the
+report lists every file, the gallery shows the captions, and a caption edited in the tab is the
+`.txt` file on disk, so is a tag removed from all; Start without a checkpoint says why in the page.
+Skipped where chromium or playwright is missing (CI installs both).
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from browser import CHROMIUM, browser_page, write_photo
+
+playwright = pytest.importorskip("playwright.sync_api")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def server(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lib_anydressing", "ui", "--port", str(port), "--outputs", str(tmp_path / "out")],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                pytest.fail(proc.stdout.read().decode())
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("the UI did not start")
+    yield url, tmp_path / "out"
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def test_import_then_edit_a_caption_in_the_tab(server):
+    url, out = server
+    source = out / "lora_dataset"  # the tab's default source: where the Segment tab adds cutouts
+    source.mkdir(parents=True)
+    write_photo(source / "garment.png")
+    Image.open(source / "garment.png").transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(source / "garment-1.png")
+    (source / "broken.png").write_bytes(b"not a png at all")
+    dataset = out / "lora_train" / "dataset"
+
+    with browser_page(url, height=1800) as page:
+        page.locator(".tab-nav button", has_text="Train garment LoRA").click()
+        page.locator("#anydressing_lora_import_folder").click()
+        report = page.locator("#anydressing_lora_report")
+        report.get_by_text("imported as 002.png").wait_for(timeout=60000)
+        assert report.get_by_text("skipped: unreadable").count() == 1
+        page.locator("#anydressing_lora_import_note").get_by_text("Imported 2 of 3 files").wait_for()
+
+        thumbs = page.locator("#anydressing_lora_gallery button.thumbnail-item")
+        thumbs.first.wait_for(timeout=20000)
+        assert thumbs.count() == 2
+        thumbs.first.click()
+        caption = page.locator("#anydressing_lora_caption textarea")
+        page.wait_for_function(
+            "() => document.querySelector('#anydressing_lora_caption textarea').value === 'zxq, shirt'",
+            timeout=10000,
+        )
+        assert page.locator("#anydressing_lora_selected textarea, #anydressing_lora_selected input").first.input_value(
+        ).endswith("001.png")  # fmt: skip
+        caption.fill("zxq, shirt, red, front view")
+        page.locator("#anydressing_lora_save_caption").click()
+        page.locator("#anydressing_lora_caption_note").get_by_text("Saved 001.txt").wait_for(timeout=10000)
+        page.locator("#anydressing_lora_counts").get_by_text("front view").wait_for(timeout=10000)
+        page.locator("#anydressing_lora_tag textarea").fill("shirt")
+        page.get_by_role("button", name="Remove from all").click()
+        page.locator("#anydressing_lora_caption_note").get_by_text("2 caption(s) changed").wait_for(timeout=10000)
+
+        page.locator("#anydressing_lora_start").click()  # standalone with no checkpoint: a message, no traceback
+        page.locator("#anydressing_lora_final").get_by_text("give the path of an SD1.x checkpoint").wait_for(
+            timeout=20000
+        )
+        page.screenshot(path=str(out / "page.png"), full_page=True)
+
+    assert (dataset / "001.txt").read_text() == "zxq, red, front view\n"
+    assert (dataset / "002.txt").read_text() == "zxq\n", "only the batch edit touched the other caption"
+    assert Image.open(dataset / "001.png").mode == "RGBA"
