@@ -4,10 +4,12 @@ WebUI loan's snapshot that gives the user's model back exactly."""
 
 from __future__ import annotations
 
+import json
 import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+import gradio as gr
 import numpy as np
 import pytest
 import torch
@@ -18,7 +20,7 @@ from lib_anydressing.garment_lora.dataset import BG_KEEP, ImportOptions, import_
 from lib_anydressing.sd_checkpoint import tiny_stable_diffusion
 from lib_anydressing.segment.segmenter import Segmenter
 from lib_anydressing.ui.app import build_tabs
-from lib_anydressing.ui.lora_tab import TrainingJob, run_training
+from lib_anydressing.ui.lora_tab import TrainingJob, _loss_frame, run_training
 from lib_anydressing.webui.lora_training import ModelSnapshot, hide_lowvram_hooks
 
 
@@ -90,6 +92,9 @@ def test_start_trains_in_a_thread_and_reports_the_saved_file(tmp_path, dataset):
     assert [s for s, _ in v.losses] == list(range(1, 7)) and all(np.isfinite(loss) for _, loss in v.losses)
     assert len(v.samples) == 1 and Path(v.samples[0][0]).is_file() and v.samples[0][1] == "epoch 2"
     assert "Step **6 / 6**" in v.progress_text()
+    plot = gr.LinePlot(x="step", y="loss").postprocess(_loss_frame([*v.losses, (7, float("nan"))]))
+    points = json.loads(plot["plot"])["datasets"].popitem()[1]
+    assert [(p["step"], p["loss"]) for p in points] == [(s, pytest.approx(loss)) for s, loss in v.losses]
     assert all(torch.equal(before[k], t) for k, t in host.sd.unet.state_dict().items()), "base weights untouched"
     assert not any("forward" in m.__dict__ for m in host.sd.unet.modules()), "the LoRA came off"
 

@@ -4,6 +4,7 @@ background job that runs the trainer while the UI polls it; the logic is in garm
 No `from __future__ import annotations` here: gradio finds the `gr.SelectData` parameter by its annotation.
 """
 
+import math
 import threading
 import time
 import traceback
@@ -307,6 +308,7 @@ def build(
         return values["batch_size"], wanted, values["gradient_checkpointing"]
 
     preset.change(on_preset, [preset], [batch, precision, checkpointing], queue=False)
+    shape.change(lambda form: form != "square", [shape], [buckets], queue=False)
 
     settings = {
         "dataset_dir": dataset_dir, "name": name, "overwrite": overwrite, "out_dir": out_dir,
@@ -342,9 +344,12 @@ def build(
 
 
 def _loss_frame(losses: list[tuple[int, float]]):
+    """The curve for gr.LinePlot; None (an empty plot) before the first step. NaN/inf points are left out:
+    the plot's JSON cannot carry them (the final message says when the loss went bad)."""
     import pandas as pd
 
-    return pd.DataFrame(losses or [(0, float("nan"))], columns=["step", "loss"])
+    finite = [(step, loss) for step, loss in losses if math.isfinite(loss)]
+    return pd.DataFrame(finite, columns=["step", "loss"]) if finite else None
 
 
 def _sam_choices(sam_dirs: Callable[[], list[Path]]) -> list[str]:
