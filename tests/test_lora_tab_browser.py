@@ -2,8 +2,8 @@
 
 Photos put where the Segment tab's "Add to LoRA dataset" saves are imported with one click, the
 report lists every file, the gallery shows the captions, and a caption edited in the tab is the
-`.txt` file on disk, so is a tag removed from all; Start without a checkpoint says why in the page.
-Skipped where chromium or playwright is missing (CI installs both).
+`.txt` file on disk, so is a tag removed from all; uploads are reported under their own names; Start
+without a checkpoint says why in the page. Skipped where chromium or playwright is missing (CI installs both).
 """
 
 from __future__ import annotations
@@ -87,6 +87,16 @@ def test_import_then_edit_a_caption_in_the_tab(server):
         page.locator("#anydressing_lora_tag textarea").fill("shirt")
         page.get_by_role("button", name="Remove from all").click()
         page.locator("#anydressing_lora_caption_note").get_by_text("2 caption(s) changed").wait_for(timeout=10000)
+
+        uploads = out / "to_upload"
+        uploads.mkdir()
+        write_photo(uploads / "my photo.png")
+        page.locator("#anydressing_lora_uploads input[type=file]").set_input_files([str(uploads / "my photo.png")])
+        page.wait_for_timeout(1500)
+        page.locator("#anydressing_lora_import_uploads").click()
+        report.get_by_text("imported as 003.png").wait_for(timeout=60000)
+        assert report.get_by_text("my photo.png").count() == 1, "uploads are reported under the user's file name"
+        assert thumbs.count() == 3
 
         page.locator("#anydressing_lora_start").click()  # standalone with no checkpoint: a message, no traceback
         page.locator("#anydressing_lora_final").get_by_text("give the path of an SD1.x checkpoint").wait_for(
