@@ -42,6 +42,7 @@ TINY_VAE: dict[str, Any] = {
     "attn_resolutions": [],
     "dropout": 0.0,
 }
+SD_VAE: dict[str, Any] = {**TINY_VAE, "ch": 128, "num_res_blocks": 2}  # SD1.x's VAE shape
 TINY_TEXT: dict[str, Any] = {
     "hidden_size": 64,
     "intermediate_size": 128,
@@ -170,7 +171,7 @@ def tiny_stable_diffusion(seed: int = 0, *, prediction: str = "eps", **unet_over
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(text_config)
     reinitialise(text_encoder, seed=seed + 1)
-    vae = _autoencoder(TINY_VAE, embed_dim=4)
+    vae = build_autoencoder(TINY_VAE, embed_dim=4)
     reinitialise(vae, seed=seed + 2)
     # SD1.5's two res blocks per level: kohya's key names (diffusers block numbers) assume that layout
     overrides = {"context_dim": TINY_TEXT["hidden_size"], "num_res_blocks": 2, **unet_overrides}
@@ -335,10 +336,11 @@ def _build_vae(state: dict[str, Tensor]) -> nn.Module:
     mult = [_need("VAE", state, f"encoder.down.{i}.block.0.conv1.weight").shape[0] // ch for i in range(levels)]
     z_channels = _need("VAE", state, "decoder.conv_in.weight").shape[1]
     config = {**TINY_VAE, "ch": ch, "ch_mult": mult, "num_res_blocks": res_blocks, "z_channels": z_channels}
-    return _autoencoder(config, embed_dim=_need("VAE", state, "post_quant_conv.weight").shape[1])
+    return build_autoencoder(config, embed_dim=_need("VAE", state, "post_quant_conv.weight").shape[1])
 
 
-def _autoencoder(config: dict[str, Any], embed_dim: int) -> nn.Module:
+def build_autoencoder(config: dict[str, Any], embed_dim: int) -> nn.Module:
+    """An ldm AutoencoderKL of this shape, weights uninitialised (to be loaded or reinitialised)."""
     from ldm.models.autoencoder import AutoencoderKL
 
     with torch.device("meta"):

@@ -79,7 +79,8 @@ def _assert_untouched(model, snapshot):
 
 
 def _fixed_loss(model, dataset, lora_file=None) -> float:
-    """MSE of the noise prediction on fixed noise and timesteps, computed here without the trainer."""
+    """MSE of the prediction (noise, or v = sqrt(abar) noise - sqrt(1 - abar) x0) on fixed noise and
+    timesteps, computed here without the trainer."""
     images = sorted(dataset.glob("*.png"))
     pixels = torch.stack([torch.from_numpy(np.asarray(Image.open(p).convert("RGB"), np.float32)) for p in images])
     gen = torch.Generator().manual_seed(7)
@@ -101,14 +102,17 @@ def _fixed_loss(model, dataset, lora_file=None) -> float:
                 abar = model.alphas_cumprod[t].float()
                 noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
                 pred = model.unet(noisy, torch.full((3,), t), context=context)
-                total += (pred - noise)[:, :, 2:].square().mean().item()  # rows 0-1 are outside the garment
+                target = noise if model.prediction == "eps" else abar.sqrt() * noise - (1 - abar).sqrt() * latents
+                total += (pred - target)[:, :, 2:].square().mean().item()  # rows 0-1 are outside the garment
     finally:
         if lora is not None:
             lora.remove()
     return total / 3
 
 
-def test_overfits_three_images_and_leaves_the_model_as_found(model, dataset, tmp_path):
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_overfits_three_images_and_leaves_the_model_as_found(model, dataset, tmp_path, prediction, monkeypatch):
+    monkeypatch.setattr(model, "prediction", prediction)
     model.unet.input_blocks[0][0].weight.requires_grad_(True)  # a flag the user had set is put back as found
     before = _snapshot(model)
     start = _fixed_loss(model, dataset)
@@ -125,7 +129,8 @@ def test_overfits_three_images_and_leaves_the_model_as_found(model, dataset, tmp
         meta = f.metadata()
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "2.0" and meta["ss_num_train_images"] == "3"
     assert meta["ss_num_epochs"] == "40" and meta["ss_resolution"] == "(64, 64)" and meta["ss_output_name"] == "garment"
-    assert '"shirt": 2' in meta["ss_tag_frequency"] and meta["modelspec.prediction_type"] == "epsilon"
+    assert '"shirt": 2' in meta["ss_tag_frequency"]
+    assert meta["modelspec.prediction_type"] == {"eps": "epsilon", "v": "v"}[prediction]
     assert meta["sshs_model_hash"] and meta["ss_learning_rate"] == "0.01"
 
 
@@ -215,6 +220,15 @@ def _unet_calls_fail_from(model, call: int, failure):
         return forward
 
     return ForwardPatch(model.unet, make)
+
+
+@pytest.mark.parametrize(("cache", "calls"), [(True, 3), (False, 6)])
+def test_cached_latents_encode_each_image_once(model, dataset, tmp_path, monkeypatch, cache, calls):
+    count = []
+    encode = model.vae.encode
+    monkeypatch.setattr(model.vae, "encode", lambda x: count.append(len(x)) or encode(x))
+    train_lora(model, _config(dataset, tmp_path / "out", cache_latents=cache))  # 2 epochs x 3 images
+    assert len(count) == calls and set(count) == {1}
 
 
 def test_nan_loss_stops_cleanly_keeping_the_last_good_checkpoint(model, dataset, tmp_path):

@@ -86,7 +86,7 @@ class LoRALayer(nn.Module):
 
     def delta(self, x: Tensor, multiplier: float) -> Tensor:
         scale = multiplier * self.alpha.item() / self.rank
-        return self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype))).to(x.dtype) * scale
+        return self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype))) * scale
 
 
 class KohyaLoRA(nn.Module):
@@ -116,7 +116,11 @@ class KohyaLoRA(nn.Module):
             layer = self.layers[key]
 
             def make(inner, layer=layer):
-                return lambda x, *a, **k: inner(x, *a, **k) + layer.delta(x, self.multiplier)
+                def forward(x: Tensor, *args, **kwargs) -> Tensor:
+                    out = inner(x, *args, **kwargs)  # its dtype (autocast, fp16 model) is the one to keep
+                    return out + layer.delta(x, self.multiplier).to(out.dtype)
+
+                return forward
 
             self._patches.append(ForwardPatch(module, make))
         return self

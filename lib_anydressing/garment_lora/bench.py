@@ -1,0 +1,138 @@
+"""`python -m lib_anydressing bench-lora`: garment LoRA training speed and memory, with and without the savers.
+
+Both runs go through the real trainer in the same process, on an SD1.5-shaped UNet and an SD-shaped
+VAE with random weights, batch 1: "plain" encodes the image with the VAE every step and uses
+AdamW; "savers" caches the latents, checkpoints the UNet's blocks and uses 8-bit AdamW when
+bitsandbytes is installed (CUDA). Text embeddings are cached in both (the text encoder is frozen).
+On CUDA the runs use fp16 and report peak memory. --model-channels / --resolution shrink the model
+for a quick CPU run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..engine.sd_unet import SD15_UNET, build_unet, reinitialise
+from ..sd_checkpoint import SD_VAE, StableDiffusion, build_autoencoder, tiny_clip_tokenizer
+from .trainer import Progress, TrainConfig, train_lora
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--model-channels", type=int, default=320, help="UNet width (320 = SD1.5)")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per run (after 2 warm-up steps)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def main(args: argparse.Namespace) -> int:
+    result = run_bench(
+        resolution=args.resolution,
+        model_channels=args.model_channels,
+        steps=args.steps,
+        device=torch.device(args.device),
+        rank=args.rank,
+    )
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>28}: {value}")
+    return 0
+
+
+def run_bench(
+    *, resolution: int = 512, model_channels: int = 320, steps: int = 6, device: torch.device, rank: int = 16
+) -> dict[str, object]:
+    cuda = device.type == "cuda"
+    dtype = torch.float16 if cuda else torch.float32
+    model = _sd15_shaped(model_channels, resolution).to(device, dtype)
+    result: dict[str, object] = {
+        "device": str(device),
+        "resolution": resolution,
+        "model_channels": model_channels,
+        "batch_size": 1,
+        "precision": "fp16" if cuda else "fp32",
+    }
+    runs = {
+        "plain": {"cache_latents": False, "gradient_checkpointing": False, "optimizer": "adamw"},
+        "savers": {"cache_latents": True, "gradient_checkpointing": True, "optimizer": "adamw8bit"},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        data = _dataset(Path(tmp) / "data", resolution)
+        for name, savers in runs.items():
+            config = TrainConfig(
+                dataset_dir=data,
+                output_dir=Path(tmp) / name,
+                name=name,
+                resolution=resolution,
+                rank=rank,
+                alpha=rank / 2,
+                max_steps=steps + 2,
+                epochs=steps + 2,
+                save_every_epochs=0,
+                mixed_precision="fp16" if cuda else "fp32",
+                **savers,
+            )
+            stamps: list[float] = []
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            outcome = train_lora(model, config, on_progress=lambda p, s=stamps: _stamp(p, s, cuda))
+            durations = np.diff(stamps)[1:]  # from the end of step 2 on: no warm-up in the figure
+            result[f"sec_per_step_{name}"] = round(statistics.median(durations.tolist()), 4)
+            if cuda:
+                result[f"peak_mem_mb_{name}"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+            if name == "savers":
+                result["optimizer_savers"] = outcome_optimizer(outcome.output)
+    result["step_ratio"] = round(result["sec_per_step_savers"] / result["sec_per_step_plain"], 3)
+    if cuda:
+        result["mem_ratio"] = round(result["peak_mem_mb_savers"] / result["peak_mem_mb_plain"], 3)
+    return result
+
+
+def outcome_optimizer(path: Path | None) -> str:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata().get("ss_optimizer", "")
+
+
+def _stamp(progress: Progress, stamps: list[float], cuda: bool) -> None:
+    if cuda:
+        torch.cuda.synchronize()
+    stamps.append(time.perf_counter())
+
+
+def _sd15_shaped(model_channels: int, resolution: int) -> StableDiffusion:
+    """SD1.5's UNet (at the given width) and VAE shapes, a one-layer 768-wide CLIP text encoder (cached anyway)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = tiny_clip_tokenizer()
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=1)
+    )
+    vae = build_autoencoder({**SD_VAE, "resolution": resolution}, embed_dim=4)
+    reinitialise(vae, seed=1)
+    unet = build_unet(SD15_UNET, model_channels=model_channels)
+    return StableDiffusion(unet=unet, vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer)
+
+
+def _dataset(folder: Path, resolution: int) -> Path:
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        pixels = rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text("garment")
+    return folder

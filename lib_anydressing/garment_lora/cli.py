@@ -1,0 +1,121 @@
+"""`python -m lib_anydressing train-lora --config cfg.toml`: train a garment LoRA without the WebUI.
+
+The TOML file holds `checkpoint` (an SD1.x single file), optionally `tokenizer` (a folder with
+vocab.json and merges.txt; default: what is already on disk), `prediction` ("eps"/"v"), `device`
+("auto", "cuda", "cpu"), `preset` ("8 GB", "12 GB", "16+ GB"), and any TrainConfig key
+(dataset_dir, output_dir, name, epochs, learning_rate, ...); keys given in the file win over the
+preset. Ctrl-C stops after the current step and saves a state that the same command resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..sd_checkpoint import SDCheckpointError, load_sd_checkpoint
+from .trainer import PRESETS, Progress, TrainConfig, TrainingError, train_lora
+
+MODEL_KEYS = ("checkpoint", "tokenizer", "prediction", "device", "preset")
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, required=True, help="TOML settings (see the README)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing <name>.safetensors")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        settings = read_toml(args.config)
+        model_settings = {k: settings.pop(k) for k in MODEL_KEYS if k in settings}
+        config = build_config(settings, model_settings.get("preset"), overwrite=args.overwrite)
+        if "checkpoint" not in model_settings:
+            raise TrainingError('the config needs `checkpoint = "path/to/model.safetensors"`')
+        device = _device(model_settings.get("device", "auto"))
+        dtype = DTYPES[config.mixed_precision] if device.type == "cuda" else torch.float32  # CPU: autocast only
+        print(f"loading {model_settings['checkpoint']} ({device}, {dtype})")
+        model = load_sd_checkpoint(
+            model_settings["checkpoint"],
+            tokenizer=model_settings.get("tokenizer"),
+            prediction=model_settings.get("prediction"),
+            dtype=dtype,
+            device=device,
+        )
+        if not config.base_model_name:
+            config.base_model_name = Path(model_settings["checkpoint"]).name
+    except (TrainingError, SDCheckpointError, OSError) as e:
+        print(f"error: {e}")
+        return 2
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: _first_interrupt(stop, previous))
+    try:
+        result = train_lora(model, config, on_progress=_print_progress, stop=stop)
+    except TrainingError as e:
+        print(f"error: {e}")
+        return 2
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    print()
+    for line in result.skipped:
+        print(f"skipped {line}")
+    print(result.message)
+    return {"done": 0, "interrupted": 130}.get(result.status, 1)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """The settings file as a dict; Python 3.10 needs the `tomli` package (3.11+ has tomllib)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError as e:
+            raise TrainingError("reading TOML on Python 3.10 needs `pip install tomli` (3.11+ has it built in)") from e
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise TrainingError(f"'{path}' is not valid TOML: {e}") from e
+
+
+def build_config(settings: dict[str, Any], preset: str | None, *, overwrite: bool = False) -> TrainConfig:
+    """A TrainConfig from the preset's values overridden by the file's."""
+    if preset is not None and preset not in PRESETS:
+        raise TrainingError(f"unknown preset '{preset}': choose one of {', '.join(PRESETS)}")
+    values = {**(PRESETS[preset] if preset else {}), **settings}
+    missing = [k for k in ("dataset_dir", "output_dir", "name") if k not in values]
+    if missing:
+        raise TrainingError(f"the config needs {', '.join(missing)}")
+    if overwrite:
+        values["overwrite"] = True
+    try:
+        return TrainConfig.from_dict(values)
+    except TypeError as e:
+        raise TrainingError(f"bad setting: {e}") from e
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TrainingError("device 'cuda' was asked for but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def _first_interrupt(stop: threading.Event, previous: Any) -> None:
+    print("\nstopping after this step (Ctrl-C again to abort without saving)")
+    stop.set()
+    signal.signal(signal.SIGINT, previous)
+
+
+def _print_progress(p: Progress) -> None:
+    eta = f"{int(p.eta_s // 60)}:{int(p.eta_s % 60):02d}"
+    line = f"\rstep {p.step}/{p.total}  epoch {p.epoch}  loss {p.loss:.4f}  {p.sec_per_step:.2f} s/it  ETA {eta}"
+    sys.stdout.write(line + (f"  sample: {p.sample}" if p.sample else ""))
+    sys.stdout.flush()
