@@ -75,6 +75,20 @@ def test_bad_files_are_reported_one_by_one_and_never_stop_the_import(tmp_path):
     assert again[0].result.startswith("imported as 004.png"), "a second import continues the numbering"
 
 
+def test_a_phone_photo_is_imported_upright(tmp_path):
+    photo = Image.new("RGB", (120, 80), (255, 255, 255))
+    photo.paste((255, 0, 0), (0, 0, 40, 80))  # stored: red on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: the camera was turned, show it rotated 90 degrees clockwise
+    photo.save(tmp_path / "phone.jpg", exif=exif, quality=95)
+    options = ImportOptions(size=80, margin=0.0, background=BG_KEEP)
+    report = import_images([tmp_path / "phone.jpg"], tmp_path / "ds", options, Segmenter(), _caption)
+    saved = np.asarray(Image.open(report[0].saved)).astype(int)
+    assert saved.shape == (80, 80, 4)
+    top, bottom = saved[5, 40, :3], saved[75, 40, :3]  # upright it is 80 wide, 120 tall: red on top
+    assert top[0] > 200 and top[1] < 60 and bottom.min() > 200, (top, bottom)
+
+
 def test_existing_alpha_is_kept_exactly_and_the_segmenter_is_not_used(tmp_path):
     rgba = np.zeros((60, 100, 4), np.uint8)
     rgba[..., :3] = (10, 200, 30)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..images import MAX_PIXELS, ImageInputError, to_rgb_and_mask
 from ..segment import mask_tools as mt
@@ -116,10 +116,10 @@ def prepare(path: Path, options: ImportOptions, segmenter: Segmenter) -> tuple[I
             raise ImageInputError(f"{w}x{h} is larger than {MAX_PIXELS // 1_000_000} MP")
         if min(w, h) < options.min_side:
             raise ImageInputError(f"too small ({w}x{h}; the minimum side is {options.min_side} px)")
-        opened.load()
-        rgb, alpha = to_rgb_and_mask(opened)
+        upright = ImageOps.exif_transpose(opened)  # phone photos: the camera's rotation tag applied
+        rgb, alpha = to_rgb_and_mask(upright)
         if alpha is not None:  # the colours as they are, not blended with white at soft edges
-            rgb = opened.convert("RGBA").convert("RGB")
+            rgb = upright.convert("RGBA").convert("RGB")
     pixels = np.asarray(rgb, dtype=np.uint8)
     if alpha is not None:
         mask, how = np.asarray(alpha, dtype=np.uint8), "kept its alpha"
