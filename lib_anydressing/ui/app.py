@@ -29,9 +29,11 @@ def build_tabs(
     return blocks
 
 
-def standalone_app(sam_dirs: Callable[[], list[Path]], output_dir: Path) -> gr.Blocks:
-    """The tabs plus the extension's javascript/, which the WebUI would otherwise load itself."""
-    blocks = build_tabs(sam_dirs, output_dir)
+def standalone_app(sam_dirs: Callable[[], list[Path]], output_dir: Path, lora_dir: Path | None = None) -> gr.Blocks:
+    """The tabs plus the extension's javascript/, which the WebUI would otherwise load itself.
+    `lora_dir`: where trained LoRAs go by default (outputs/anydressing/Lora when None)."""
+    host = lora_tab.CheckpointHost(lora_dir) if lora_dir is not None else None
+    blocks = build_tabs(sam_dirs, output_dir, lora_host=host)
     scripts = "\n".join(p.read_text() for p in sorted((ROOT / "javascript").glob("*.js")))
     with blocks:
         blocks.load(None, None, None, _js=f"() => {{ {scripts} }}")
