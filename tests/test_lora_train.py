@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import threading
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from lib_anydressing.garment_lora.memory import training_patches
 from lib_anydressing.garment_lora.trainer import (
     TrainConfig,
     TrainingError,
+    bucket_size,
     check_name,
     masked_mse,
     snr_weights,
@@ -262,6 +264,7 @@ def test_an_exception_leaves_the_model_bit_identical(model, dataset, tmp_path):
 
 
 def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(model, dataset, tmp_path):
+    before = _snapshot(model)
     whole = train_lora(model, _config(dataset, tmp_path / "whole"))
     stop = threading.Event()
 
@@ -271,6 +274,7 @@ def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(m
 
     first = train_lora(model, _config(dataset, tmp_path / "split"), on_progress=stop_at_4, stop=stop)
     assert first.status == "interrupted" and first.step == 4 and first.output is None
+    _assert_untouched(model, before)
     assert (tmp_path / "split" / "garment-state.pt").is_file()
     steps = []
     second = train_lora(model, _config(dataset, tmp_path / "split"), on_progress=lambda p: steps.append(p.step))
@@ -283,6 +287,7 @@ def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(m
     train_lora(model, _config(dataset, tmp_path / "again"), on_progress=lambda p: halt.set(), stop=halt)
     with pytest.raises(TrainingError, match="other settings"):
         train_lora(model, _config(dataset, tmp_path / "again", rank=8))
+    _assert_untouched(model, before)
 
 
 def test_text_encoder_lora_trains_and_is_saved(model, dataset, tmp_path):
@@ -334,3 +339,41 @@ def test_ldm_checkpointing_flags_are_replaced_by_one_that_reaches_the_lora():
     lora.remove()
     assert all(m.checkpoint for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock")
     assert all(m.use_checkpoint for m in unet.modules() if type(m).__name__ == "ResBlock")
+
+
+def test_samples_every_epoch_and_aspect_buckets_never_mix_sizes(model, tmp_path):
+    """A tall photo gets its own bucket (about resolution^2 pixels, sides multiples of 64); a batch holds one
+    size only; a sample image is written at each epoch end."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(3)
+    for i, (w, h) in enumerate([(128, 128), (120, 136), (64, 200)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text("shirt")
+    assert bucket_size(64, 200, 128) == (64, 256) and bucket_size(120, 136, 128) == (128, 128)
+    shapes = []
+
+    def record(inner):
+        def forward(x, *args, **kwargs):
+            if torch.is_grad_enabled():  # training steps, not the sampler
+                shapes.append(tuple(x.shape))
+            return inner(x, *args, **kwargs)
+
+        return forward
+
+    before = _snapshot(model)
+    patch = ForwardPatch(model.unet, record)
+    try:
+        config = _config(data, tmp_path / "out", resolution=128, buckets=True, batch_size=2, sample_every_epochs=1)
+        progress = []
+        result = train_lora(model, replace(config, sample_steps=2), on_progress=progress.append)
+    finally:
+        patch.restore()
+    _assert_untouched(model, before)
+    assert sorted(shapes) == sorted([(2, 4, 16, 16), (1, 4, 32, 8)] * 2)  # per epoch: the 2 squares, the tall one
+    assert (
+        [p.sample.name for p in progress if p.sample]
+        == ["epoch0001.png", "epoch0002.png"]
+        == [s.name for s in result.samples]
+    )
+    assert Image.open(result.samples[0]).size == (128, 128)
