@@ -26,6 +26,8 @@ def files(tmp_path_factory):
     for i in range(2):
         Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(data / f"{i}.jpg")
         (data / f"{i}.txt").write_text("red shirt")
+    Image.new("CMYK", (64, 64), (0, 200, 200, 0)).save(data / "cmyk.jpg")  # a printer's red: converted, used
+    Image.new("RGB", (1, 1)).save(data / "dot.png")
     (data / "broken.png").write_bytes(b"not an image")
     (data / "broken.txt").write_text("x")
     return root
@@ -63,7 +65,8 @@ def test_trains_from_a_toml_file_and_refuses_to_overwrite(files, capsys):
     text = _toml(files, preset="8 GB", mixed_precision="bf16", gradient_checkpointing=False)
     assert _run(files, text) == 0
     out = capsys.readouterr().out
-    assert "skipped broken.png" in out and "saved red_shirt.safetensors after 4 steps" in out
+    assert "skipped broken.png" in out and "skipped dot.png: 1x1 is too small" in out
+    assert "saved red_shirt.safetensors after 6 steps" in out  # 3 usable images x 2 epochs
     tensors = load_file(str(files / "out" / "red_shirt.safetensors"))
     assert tensors and all(torch.isfinite(v).all() for v in tensors.values())
     assert _run(files, text) == 2 and "exists" in capsys.readouterr().out

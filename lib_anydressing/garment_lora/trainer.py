@@ -40,6 +40,7 @@ from .memory import training_patches
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,99}$")
 PRECISIONS = ("fp32", "fp16", "bf16")
+MIN_SIDE = 64  # smaller photos upscaled to the training size would teach blur
 
 # Settings by GPU memory, for SD1.5 at 512x512 (the rest of TrainConfig keeps its defaults).
 PRESETS: dict[str, dict[str, object]] = {
@@ -584,12 +585,14 @@ def _load_dataset(config: TrainConfig) -> tuple[list[_Item], list[str]]:
     for path, caption in read_captions(config.dataset_dir).items():
         try:
             with Image.open(path) as image:
+                if min(image.size) < MIN_SIDE:
+                    raise ImageInputError(f"{image.width}x{image.height} is too small (at least {MIN_SIDE} px a side)")
                 image.load()
                 size = (config.resolution,) * 2
                 if config.buckets:
                     size = bucket_size(image.width, image.height, config.resolution)
                 pixels, mask = garment_tensor(image, size)
-        except (ImageInputError, UnidentifiedImageError, OSError, ValueError) as e:
+        except (ImageInputError, UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as e:
             skipped.append(f"{path.name}: {e}")
             continue
         if mask is None:
