@@ -7,6 +7,7 @@ from lib_anydressing.convert import convert_dropped
 from lib_anydressing.generation.options import apply_overrides, from_script_args
 from lib_anydressing.webui import env, ui, xyz
 from lib_anydressing.webui.controller import Controller
+from lib_anydressing.webui.forge import unet_of
 
 controller = Controller(env.A1111Env())
 
@@ -44,8 +45,11 @@ class AnyDressingScript(scripts.Script):
     def process_batch(self, p, *args, **kwargs):
         controller.process_batch(p)
 
+    def process_before_every_sampling(self, p, *args, **kwargs):  # Forge only
+        controller.before_sampling(p)
+
     def postprocess(self, p, processed, *args):
-        controller.finish(p.sd_model.model.diffusion_model)
+        controller.finish(unet_of(p))
 
 
 def add_xyz_axes():

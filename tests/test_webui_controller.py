@@ -100,7 +100,7 @@ class FakeEnv:
     def device(self):
         return torch.device("cpu")
 
-    def dtype(self):
+    def dtype(self, p):
         return torch.float32
 
     def load_unet(self, p):
@@ -189,8 +189,8 @@ def test_conditional_rows_marked_in_every_layout(setup, mode, repeats):
         want = cfg_step(Controller(FakeEnv([])), unet, x, cond, uncond, repeats, 0, 10, "one_call")
     torch.testing.assert_close(dressed[:n_cond], want[:n_cond], atol=1e-4, rtol=1e-4)
     assert (dressed[:n_cond] - plain[:n_cond]).abs().max() > 1e-3
-    if mode != "skip_uncond":
-        torch.testing.assert_close(dressed[n_cond:], plain[n_cond:], atol=1e-5, rtol=1e-5)
+    if mode != "skip_uncond":  # other call groupings than `plain`'s: float32 GEMM rounding differs by ~2e-5
+        torch.testing.assert_close(dressed[n_cond:], plain[n_cond:], atol=1e-4, rtol=1e-4)
 
 
 def _clean(unet, before):

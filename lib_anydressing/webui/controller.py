@@ -1,8 +1,13 @@
-"""What the always-visible script does at each point of a generation, on A1111.
+"""What the always-visible script does at each point of a generation, on A1111 and Forge.
+
+A1111: Dressing-Attention is installed on the UNet's attn1 modules in `process_batch`. Forge: a
+clone of its UnetPatcher gets attn1 replace patches in `before_sampling` (Forge's
+process_before_every_sampling, run for each hires pass), and replaces the user's for that sampling.
 
 Cleanup points, because A1111 skips `postprocess` when sampling raises: every `process` first
 removes what an earlier generation may have left; `postprocess` removes it; and `p.close()`, which
-A1111 calls on every path (UI and API, success, error or interrupt), removes it too.
+A1111 calls on every path (UI and API, success, error or interrupt), removes it too. On Forge the
+user's UnetPatcher is put back in the same places.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from ..generation.prepare import FeatureCache
 from ..generation.session import DressingSession
 from ..images import ImageInputError
 from ..model_files import TRAINING_FREE, resolve_model, short_hash
+from . import forge
+from .forge import is_forge, unet_of
 from .infotext import PREFIX, infotext
 
 
@@ -37,7 +44,7 @@ class WebUIEnv(Protocol):
     def image_encoder_dir(self) -> str | None: ...
     def refusal(self, p: Any) -> str | None: ...
     def device(self) -> torch.device: ...
-    def dtype(self) -> torch.dtype: ...
+    def dtype(self, p: Any) -> torch.dtype: ...
     def load_unet(self, p: Any) -> None: ...
     def autocast(self) -> AbstractContextManager: ...
     def encode(self, p: Any, images: Tensor) -> Tensor: ...
@@ -56,7 +63,8 @@ class Controller:
         self._nmask: Tensor | None = None
         self._model: tuple[tuple, AnyDressingModel, str] | None = None  # (file identity, model, short hash)
         self._garments_net: tuple[tuple, GarmentsNet] | None = None  # built once per model file and base weights
-        self._pending: _Pending | None = None  # checked in process, installed in process_batch
+        self._pending: _Pending | None = None  # checked in process, installed in process_batch / before_sampling
+        self._swaps: list[tuple[Any, Any, Any]] = []  # Forge: (forge_objects, the user's UnetPatcher, our clone)
 
     def process(self, p: Any, opts: DressingOptions) -> None:
         """Before the batches: clean up, check everything that can be checked, load the model.
@@ -64,7 +72,7 @@ class Controller:
         Extraction waits for `process_batch`: A1111 activates the prompt's LoRAs in between, and
         training-free garment tokens must come from the same weights as the UNet they join.
         """
-        unet = p.sd_model.model.diffusion_model
+        unet = unet_of(p)
         self.finish(unet)
         if not opts.enabled:
             return
@@ -90,18 +98,47 @@ class Controller:
         except Exception as e:  # a bad file or an unforeseen error: a message, never a traceback in the UI
             self._fail(p, unet, e)
             return
+        if is_forge(p) and opts.garment_guidance is not None:
+            p.comment(f"{PREFIX}: garment guidance is not available on Forge yet: dressing without it")
+            opts.garment_guidance = None
         self._pending = _Pending(opts, model, model_key, label)
         _close_with(p, lambda: self.finish(unet))
 
     def process_batch(self, p: Any) -> None:
-        """After A1111 activated this batch's LoRAs: extract (or reuse) garment features and install."""
+        """A1111, after it activated this batch's LoRAs: extract (or reuse) garment features and install."""
+        if self._pending is None or is_forge(p):
+            return  # Forge merges LoRAs when it loads the UNet for sampling: see before_sampling
+        unet = p.sd_model.model.diffusion_model
+        self._dress(p, unet, lambda session: session.install(unet))
+
+    def before_sampling(self, p: Any) -> None:
+        """Forge, before each sampling: dress a clone of the UnetPatcher it is about to sample with."""
+        if self._pending is None or not is_forge(p):
+            return
+        objects = p.sd_model.forge_objects
+        clone = objects.unet.clone()
+        self._swaps.append((objects, objects.unet, clone))
+        objects.unet = clone  # loaded (LoRAs merged) and extracted from as the patcher that will sample
+        unet = clone.model.diffusion_model
+        if not self._dress(p, unet, lambda session: forge.attach_dresser(session, unet)):
+            return
+        try:
+            assert self.session is not None and self.session.dresser is not None
+            forge.add_patches(clone, self.session.dresser)
+        except Exception as e:
+            self._fail(p, unet, e)
+
+    def _dress(self, p: Any, unet: Any, install: Callable[[DressingSession], None]) -> bool:
+        """Garment features for this batch's LoRA set (extracted or reused), then `install`.
+
+        False when the generation goes on without dressing (the message is on p).
+        """
         pending = self._pending
         if pending is None:
-            return
+            return False
         networks = _networks_key(p)
         if self.session is not None and pending.networks == networks:
-            return  # the next batch of the same generation: already dressed with these weights
-        unet = p.sd_model.model.diffusion_model
+            return True  # the next batch or hires pass of the same generation: same features
         if self.session is not None:
             self.session.close()
             self.session = None
@@ -114,9 +151,9 @@ class Controller:
             with self.env.autocast():
                 prepared = session.prepare(
                     unet,
-                    self._garments_net_for(pending.model, pending.model_key, p),
+                    self._garments_net_for(pending.model, pending.model_key, unet, p),
                     device=self.env.device(),
-                    dtype=self.env.dtype(),
+                    dtype=self.env.dtype(p),
                     target_wh=(p.width, p.height),
                     encode=lambda images: self.env.encode(p, images),
                     empty_prompt=self.env.empty_prompt(p),
@@ -125,10 +162,11 @@ class Controller:
                     image_encoder_dir=self.env.image_encoder_dir(),
                     offload_garments_net=self.env.offload_garments_net(),
                 )
-            session.install(unet)
+            install(session)
         except Exception as e:  # out of memory, a device problem...: a message, never a traceback
+            session.close()
             self._fail(p, unet, e)
-            return
+            return False
         self.session = session
         self.cfg_scale = float(getattr(p, "cfg_scale", 7.0))
         self.guidance = (
@@ -138,6 +176,7 @@ class Controller:
             for note in prepared.notes:
                 p.comment(f"{PREFIX}: {note}")
             p.extra_generation_params.update(infotext(pending.opts, pending.label, session.strength))
+        return True
 
     def _fail(self, p: Any, unet: Any, error: Exception) -> None:
         self.finish(unet)
@@ -175,13 +214,16 @@ class Controller:
             self.session = None
         self._pending = None
         self.guidance = None
+        for objects, original, clone in self._swaps:
+            if objects.unet is clone:  # Forge: the user's UnetPatcher back in place, the clone dropped
+                objects.unet = original
+        self._swaps.clear()
         if unet is not None:
             remove_dressing(unet)
 
-    def _garments_net_for(self, model: AnyDressingModel, model_key: str, p: Any) -> GarmentsNet:
+    def _garments_net_for(self, model: AnyDressingModel, model_key: str, unet: Any, p: Any) -> GarmentsNet:
         """Kept between generations; rebuilt when the model file or the base checkpoint changes
         (a partial GarmentsNet shares the base UNet's tensors)."""
-        unet = p.sd_model.model.diffusion_model
         key = (model_key, id(unet), getattr(p.sd_model, "sd_model_hash", ""))
         if self._garments_net is None or self._garments_net[0] != key:
             self._garments_net = (key, model.garments_net(unet))

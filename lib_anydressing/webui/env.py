@@ -1,4 +1,7 @@
-"""A1111's answers to what the controller asks: the only module of lib_anydressing importing `modules.*`."""
+"""The WebUI's answers to what the controller asks, from `modules.*` (A1111) and `backend.*` (Forge).
+
+With forge.py, the only modules of lib_anydressing importing them.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import torch
 from torch import Tensor
 
 from ..model_files import model_dirs
+from .forge import is_forge
 
 SECTION = ("anydressing", "AnyDressing")
 
@@ -44,8 +48,9 @@ class A1111Env:
         """Why this generation cannot be dressed, or None."""
         from modules import sd_unet, shared
 
-        if hasattr(p.sd_model, "forge_objects"):
-            return "Forge is not supported yet (its UNet patcher path is planned)"
+        if is_forge(p) and not any(getattr(p.sd_model, f"is_{kind}", False) for kind in ("sd1", "sd2", "sdxl")):
+            name = type(p.sd_model).__name__
+            return f"this model ({name}) is not a UNet: Flux, SD3 and Chroma have no UNet self-attention to dress"
         if getattr(p.sd_model, "is_sd3", False):
             return "SD3 has no UNet self-attention layers to dress"
         if sd_unet.current_unet is not None:
@@ -63,13 +68,25 @@ class A1111Env:
 
         return devices.device
 
-    def dtype(self) -> torch.dtype:
+    def dtype(self, p: Any) -> torch.dtype:
+        """The UNet's compute dtype (Forge may store its weights in fp8 or 4 bits)."""
+        if is_forge(p):
+            return p.sd_model.forge_objects.unet.model.computation_dtype
         from modules import devices
 
         return devices.dtype_unet
 
     def load_unet(self, p: Any) -> None:
-        """Under --medvram/--lowvram, let A1111's own offloading hook bring the UNet to the GPU."""
+        """Bring the UNet to the GPU the WebUI's own way, before garment features are extracted.
+
+        Forge: its memory manager loads the UnetPatcher that will sample, which also merges that
+        patcher's LoRAs into the weights. A1111 under --medvram/--lowvram: its offloading hooks.
+        """
+        if is_forge(p):
+            from backend import memory_management
+
+            memory_management.load_model_gpu(p.sd_model.forge_objects.unet)
+            return
         from modules import lowvram
 
         if lowvram.is_enabled(p.sd_model):  # --medvram hooks the whole model; --lowvram each block (runs by itself)
