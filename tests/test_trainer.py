@@ -1,0 +1,240 @@
+"""The AnyDressing trainer on the real tiny ldm UNet / VAE and CLIP classes with random weights."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from lib_anydressing.engine import Dresser, load_checkpoint
+from lib_anydressing.sd_checkpoint import tiny_stable_diffusion
+from lib_anydressing.training import cli
+from lib_anydressing.training.config import ConfigError, TrainConfig
+from lib_anydressing.training.trainer import AnyDressingTrainer, TrainingError
+
+SIZE = 64  # 64x64 images -> 8x8 latents: every UNet level has a token grid
+
+
+def _item(seed: int, n: int = 2) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    masks = torch.zeros(n, SIZE, SIZE)
+    for k in range(n):
+        masks[k, k * SIZE // n : (k + 1) * SIZE // n] = 1  # garment k: a horizontal band
+    person = torch.rand(3, SIZE, SIZE, generator=gen) * 2 - 1
+    person[:, :, SIZE // 2 :] = 0.8  # an edge, so Canny finds something
+    return {
+        "person": person,
+        "garments": torch.rand(n, 3, SIZE, SIZE, generator=gen) * 2 - 1,
+        "masks": masks,
+        "slots": torch.arange(n),
+        "caption": "a shirt",
+        "id": f"s{seed}",
+    }
+
+
+ITEMS = [_item(0), _item(1), _item(2)]
+
+
+def _trainer(tmp_path, sd=None, items=ITEMS, **overrides) -> AnyDressingTrainer:
+    settings = {
+        "size": [SIZE, SIZE],
+        "garment_size": [SIZE, SIZE],
+        "output_dir": str(tmp_path),
+        "num_workers": 0,
+        "save_every": 1000,
+        "log_every": 1000,
+        "slots": ["upper", "lower"],
+        "device": "cpu",
+        **overrides,
+    }
+    return AnyDressingTrainer(TrainConfig(**settings), sd or tiny_stable_diffusion(0), items, say=lambda _: None)
+
+
+def _frozen_copy(sd) -> dict[str, dict[str, torch.Tensor]]:
+    return {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in sd.modules().items()}
+
+
+def _log(tmp_path) -> list[dict[str, str]]:
+    with (tmp_path / "loss_log.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_igl_gradient_reaches_only_the_projections_and_garments_net(tmp_path):
+    sd = tiny_stable_diffusion(0)
+    trainer = _trainer(tmp_path, sd, loss_ldm=False, loss_hf=False, loss_perc=False, uncond_dropout=0.0)
+    before = _frozen_copy(sd)
+    with trainer.patched():
+        result = trainer.sample_losses(ITEMS[0], backward_scale=1.0)
+    assert result.loc.item() > 0 and result.ldm.item() == 0
+    da = trainer.projections
+    for name in da.layer_names:
+        k, _ = da.pair(name)
+        assert k.weight.grad is not None and k.weight.grad.abs().sum() > 0, name
+    # V' reaches L_loc only through the queries of later layers: the last layer's V' gets nothing.
+    last_v = da.pair(da.layer_names[-1])[1].weight.grad
+    assert last_v is None or last_v.abs().sum() == 0
+    assert da.pair(da.layer_names[0])[1].weight.grad.abs().sum() > 0
+    gnet_grads = [p.grad for p in trainer.garments_net.unet.parameters() if p.grad is not None]
+    assert gnet_grads and sum(g.abs().sum() for g in gnet_grads) > 0
+    ups = [m.up.grad for m in trainer.trainable["lora"].modules() if hasattr(m, "up")]
+    assert ups and all(g is not None for g in ups) and sum(g.abs().sum() for g in ups) > 0
+    for module in sd.modules().values():
+        assert all(not p.requires_grad and p.grad is None for p in module.parameters())
+    # A full optimiser step with every loss leaves DressingNet, VAE and text encoder bit-identical and unpatched.
+    full = _trainer(tmp_path / "full", sd, uncond_dropout=0.0, eta=1000, gradient_checkpointing=True)
+    full.train(steps=2)
+    after = _frozen_copy(sd)
+    for name, tensors in before.items():
+        assert all(torch.equal(tensors[k], after[name][k]) for k in tensors), name
+    assert not any("forward" in m.__dict__ for m in sd.unet.modules())
+    assert float(_log(tmp_path / "full")[-1]["hf"]) > 0
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
+    trainer = _trainer(tmp_path, uncond_dropout=0.0, eta=1000)
+    state = trainer.generator.get_state()
+    grads = []
+    for checkpointing in (False, True):
+        trainer.cfg.gradient_checkpointing = checkpointing
+        trainer.generator.set_state(state)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        with trainer.patched():
+            trainer.sample_losses(ITEMS[1], backward_scale=1.0)
+        grads.append({n: p.grad.clone() for n, p in trainer.trainable.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 100
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_two_garment_toy_problem_learns_where_each_garment_goes(tmp_path):
+    trainer = _trainer(
+        tmp_path,
+        tiny_stable_diffusion(0),
+        items=ITEMS[:2],
+        loss_ldm=False,
+        loss_hf=False,
+        loss_perc=False,
+        uncond_dropout=0.0,
+        cache_latents=True,
+        lr=1e-3,
+    )
+    trainer.train(steps=100)
+    loc = [float(r["loc"]) for r in _log(tmp_path)]
+    assert len(loc) == 100
+    first, last = sum(loc[:10]) / 10, sum(loc[-10:]) / 10
+    assert last < 0.6 * first, (first, last)
+    assert len(list((tmp_path / "latent_cache").rglob("*.safetensors"))) == 2
+
+
+def test_gtl_only_for_timesteps_up_to_eta(tmp_path):
+    for eta, expect in ((-1, False), (1000, True)):
+        sd = tiny_stable_diffusion(0)
+        calls = []
+        decode = sd.decode_latents
+        sd.decode_latents = lambda z, decode=decode, calls=calls: calls.append(z.shape[0]) or decode(z)
+        trainer = _trainer(tmp_path / str(eta), sd, uncond_dropout=0.0, eta=eta)
+        trainer.train(steps=3)
+        rows = _log(tmp_path / str(eta))
+        assert [float(r["hf"]) > 0 for r in rows] == [expect] * 3
+        assert [int(r["texture_samples"]) for r in rows] == [int(expect)] * 3
+        assert calls == ([1] * 3 if expect else [])
+
+
+def test_saved_checkpoint_loads_in_the_engine_and_changes_dressed_outputs(tmp_path):
+    sd = tiny_stable_diffusion(0)
+    trainer = _trainer(tmp_path, sd, lr=1e-3, uncond_dropout=0.0)
+    initial = trainer.save()
+    trainer.train(steps=3)
+    trained = sorted((tmp_path / "models").glob("*.safetensors"))[-1]
+    assert trained != initial and trained.name == "anydressing_step0000003.safetensors"
+    item = ITEMS[0]
+    with torch.no_grad():
+        garments = sd.encode_images(item["garments"])
+        x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+        t = torch.tensor([500.0])
+        context = sd.encode_text(["a shirt"])
+        plain = sd.unet(x, t, context=context)
+        outputs = []
+        for path in (initial, trained):
+            model = load_checkpoint(path)
+            assert model.info.tap == "attn_output" and model.info.cross_attention == "skip"
+            assert model.info.slots == ["upper", "lower"] and model.info.default_strength == 0.7
+            assert model.lora.rank == 16 and model.info.lora_alpha == 16.0
+            features = model.garments_net(sd.unet).extract(garments, slots=[0, 1])
+            with Dresser(sd.unet, features, model.projections, strength=0.7):
+                outputs.append(sd.unet(x, t, context=context))
+        # The trainer's own modules give the loaded model's output: the file holds exactly what was trained.
+        features = trainer.garments_net.extract(garments, slots=[0, 1])
+        with Dresser(sd.unet, features, trainer.projections, strength=0.7):
+            in_memory = sd.unet(x, t, context=context)
+    torch.testing.assert_close(outputs[1], in_memory, atol=1e-6, rtol=1e-5)
+    assert (outputs[0] - plain).abs().max() > 1e-4  # dressing acts
+    assert (outputs[1] - outputs[0]).abs().max() > 1e-4  # and training changed what it does
+
+
+def test_resume_continues_bit_exactly(tmp_path):
+    settings = {"gradient_accumulation": 2, "uncond_dropout": 0.3, "eta": 600, "lr": 1e-3}
+    straight = _trainer(tmp_path / "a", **settings)
+    straight.train(steps=4)
+    first = _trainer(tmp_path / "b", save_every=2, **settings)
+    first.train(steps=3)  # saved at 2; step 3 is logged, then "lost"
+    resumed = _trainer(tmp_path / "b", resume="latest", **settings)
+    resumed.train(steps=4)
+    assert resumed.step == 4
+    a, b = straight.trainable.state_dict(), resumed.trainable.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log_a, log_b = _log(tmp_path / "a"), _log(tmp_path / "b")
+    assert [r["step"] for r in log_b] == ["1", "2", "3", "4"]
+    drop = ("seconds",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in log_a] == [
+        {k: v for k, v in r.items() if k not in drop} for r in log_b
+    ]
+
+
+def test_non_finite_loss_stops_before_touching_the_weights(tmp_path):
+    bad = _item(3)
+    bad["person"][0, 0, 0] = float("nan")
+    trainer = _trainer(tmp_path, items=[bad], uncond_dropout=0.0)
+    before = {k: v.clone() for k, v in trainer.trainable.state_dict().items()}
+    with pytest.raises(TrainingError, match="not finite"):
+        trainer.train(steps=2)
+    after = trainer.trainable.state_dict()
+    assert trainer.step == 0 and all(torch.equal(before[k], after[k]) for k in before)
+    assert not (tmp_path / "state").exists()
+    assert not any("forward" in m.__dict__ for m in trainer.sd.unet.modules())
+
+
+def test_dataset_manifest_sample_grid_and_config_file(tmp_path):
+    from lib_anydressing.training.dataset import DressingDataset
+    from lib_anydressing.training.synthetic import make_synthetic_dataset
+
+    manifest = make_synthetic_dataset(tmp_path / "data", n_samples=2, size=(SIZE, SIZE))
+    config = tmp_path / "cfg.toml"
+    config.write_text(
+        '[data]\nmanifest = "data/manifest.jsonl"\nsize = [64, 64]\ngarment_size = [64, 64]\nnum_workers = 0\n'
+        '[model]\nslots = ["upper", "lower"]\n[train]\noutput_dir = "out"\nsample_every = 2\nsample_steps = 2\n'
+        'device = "cpu"\n[loss]\neta = 1000\n'
+    )
+    cfg = TrainConfig.from_toml(config)
+    assert cfg.manifest == str(manifest) and cfg.output_dir == str(tmp_path / "out")
+    dataset = DressingDataset(cfg.manifest, tuple(cfg.size), tuple(cfg.garment_size), cfg.slots)
+    trainer = AnyDressingTrainer(cfg, tiny_stable_diffusion(0), dataset, say=lambda _: None)
+    trainer.train(steps=2)
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "out" / "samples" / "step0000002.png")
+    assert grid.height == SIZE and grid.width > 3 * SIZE  # garments | target | generated
+    assert len(_log(tmp_path / "out")) == 2
+    config.write_text("[train]\nstepz = 3\n")
+    with pytest.raises(ConfigError, match="stepz"):
+        TrainConfig.from_toml(config)
+
+
+def test_cli_reports_a_bad_config_without_a_traceback(tmp_path, capsys):
+    config = tmp_path / "cfg.toml"
+    config.write_text('[train]\nmixed_precision = "fp8"\n')
+    parser = __import__("argparse").ArgumentParser()
+    cli.add_arguments(parser)
+    assert cli.main(parser.parse_args(["--config", str(config)])) == 2
+    assert "mixed_precision" in capsys.readouterr().out
