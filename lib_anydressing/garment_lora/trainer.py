@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -164,8 +164,7 @@ def train_lora(
     """
     name = check_name(config.name)
     _check_settings(config, model)
-    output = config.output_dir / f"{name}.safetensors"
-    state_path = config.output_dir / f"{name}-state.pt"
+    output, state_path = run_files(config)
     resuming = config.resume and state_path.is_file()
     if output.exists() and not config.overwrite and not resuming:
         raise TrainingError(f"'{output}' exists: choose another name or allow overwriting")
@@ -189,6 +188,12 @@ def train_lora(
             return run.train()
         finally:
             lora.remove()
+
+
+def run_files(config: TrainConfig) -> tuple[Path, Path]:
+    """(the final LoRA file, the resumable state file) of a run: a UI can tell the user a run can resume."""
+    name = check_name(config.name)
+    return config.output_dir / f"{name}.safetensors", config.output_dir / f"{name}-state.pt"
 
 
 @contextmanager
@@ -349,11 +354,11 @@ class _Run:
 
     @property
     def output_path(self) -> Path:
-        return self.config.output_dir / f"{self.name}.safetensors"
+        return run_files(self.config)[0]
 
     @property
     def state_path(self) -> Path:
-        return self.config.output_dir / f"{self.name}-state.pt"
+        return run_files(self.config)[1]
 
     def _fingerprint(self) -> str:
         """The settings a resumed run must share with the saved one to continue it exactly."""
@@ -606,8 +611,3 @@ def _load_dataset(config: TrainConfig) -> tuple[list[_Item], list[str]]:
         detail = f" ({'; '.join(skipped)})" if skipped else ""
         raise TrainingError(f"'{config.dataset_dir}' has no usable images{detail}")
     return items, skipped
-
-
-def config_dict(config: TrainConfig) -> dict[str, object]:
-    """The config as plain values (paths as strings), e.g. for a settings file."""
-    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}
