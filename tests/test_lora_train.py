@@ -263,22 +263,27 @@ def test_an_exception_leaves_the_model_bit_identical(model, dataset, tmp_path):
     _assert_untouched(model, before)
 
 
-def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(model, dataset, tmp_path):
+@pytest.mark.parametrize(("accumulation", "stop_at", "rest"), [(1, 4, [5, 6]), (2, 3, [4])])
+def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(
+    model, dataset, tmp_path, accumulation, stop_at, rest
+):
+    """3 images, batch 1: 3 steps per epoch, or 2 with 2 batches accumulated (the last step gathers one)."""
     before = _snapshot(model)
-    whole = train_lora(model, _config(dataset, tmp_path / "whole"))
+    whole = train_lora(model, _config(dataset, tmp_path / "whole", grad_accumulation=accumulation))
     stop = threading.Event()
 
-    def stop_at_4(progress):
-        if progress.step == 4:  # mid-epoch 2
+    def stop_mid_epoch_2(progress):
+        if progress.step == stop_at:
             stop.set()
 
-    first = train_lora(model, _config(dataset, tmp_path / "split"), on_progress=stop_at_4, stop=stop)
-    assert first.status == "interrupted" and first.step == 4 and first.output is None
+    config = _config(dataset, tmp_path / "split", grad_accumulation=accumulation)
+    first = train_lora(model, config, on_progress=stop_mid_epoch_2, stop=stop)
+    assert first.status == "interrupted" and first.step == stop_at and first.output is None
     _assert_untouched(model, before)
     assert (tmp_path / "split" / "garment-state.pt").is_file()
     steps = []
-    second = train_lora(model, _config(dataset, tmp_path / "split"), on_progress=lambda p: steps.append(p.step))
-    assert second.status == "done" and steps == [5, 6]
+    second = train_lora(model, config, on_progress=lambda p: steps.append(p.step))
+    assert second.status == "done" and steps == rest
     assert second.losses == whole.losses
     a, b = load_file(str(whole.output)), load_file(str(second.output))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
