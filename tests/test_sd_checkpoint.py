@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from lib_anydressing.sd_checkpoint import (
     SDCheckpointError,
+    find_clip_tokenizer,
     load_sd_checkpoint,
     original_state_dict,
     tiny_stable_diffusion,
@@ -127,3 +128,31 @@ def test_tiny_model_encodes_prompts_and_images(tiny):
     assert torch.equal(a, tiny.encode_images(pixels, torch.Generator().manual_seed(3)))
     assert not torch.equal(a, mean)
     assert tiny.decode_latents(mean).shape == (1, 3, 64, 64)
+
+
+def test_tokenizer_is_found_on_disk_or_named_missing(tmp_path, monkeypatch):
+    """Never downloaded: the Hugging Face cache (local files only), else CLIP's BPE file inside an installed
+    `clip` package, else an error saying what to provide."""
+    from transformers import CLIPTokenizer
+
+    asked = []
+
+    def not_cached(name, **kwargs):
+        asked.append(kwargs.get("local_files_only"))
+        raise OSError("not in the cache")
+
+    monkeypatch.setattr(CLIPTokenizer, "from_pretrained", not_cached)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(SDCheckpointError, match="no CLIP tokenizer files were found"):
+        find_clip_tokenizer()
+    assert asked == [True]
+    monkeypatch.undo()
+    monkeypatch.setattr(CLIPTokenizer, "from_pretrained", not_cached)
+    package = tmp_path / "clip"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    with gzip.open(package / "bpe_simple_vocab_16e6.txt.gz", "wt", encoding="utf-8") as f:
+        f.write("header\ns h\nsh i\nshi r\nshir t</w>\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    tokenizer = find_clip_tokenizer()
+    assert tokenizer("shirt").input_ids == [516, 515, 517]  # <|startoftext|>, shirt</w> (merge 4), <|endoftext|>
