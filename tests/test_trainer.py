@@ -238,3 +238,42 @@ def test_cli_reports_a_bad_config_without_a_traceback(tmp_path, capsys):
     cli.add_arguments(parser)
     assert cli.main(parser.parse_args(["--config", str(config)])) == 2
     assert "mixed_precision" in capsys.readouterr().out
+
+
+def _rank_worker(rank: int, world: int, port: int, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+    from safetensors.torch import save_file
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from pathlib import Path
+
+    trainer = _trainer(Path(out), save_every=2, uncond_dropout=0.0, lr=1e-3)
+    trainer.train(steps=2)
+    weights = {k: v.contiguous() for k, v in trainer.trainable.state_dict().items()}
+    save_file(weights, str(Path(out) / f"weights_rank{rank}.safetensors"))
+    dist.destroy_process_group()
+
+
+def test_two_processes_average_gradients_and_save_each_generator(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    ranks = [load_file(str(tmp_path / f"weights_rank{r}.safetensors")) for r in range(2)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])  # one model, however the data was split
+    initial = _trainer(tmp_path / "fresh").trainable.state_dict()
+    assert any(not torch.equal(initial[k], ranks[0][k]) for k in initial)
+    state = sorted(p.name for p in (tmp_path / "state").iterdir())
+    assert state == ["generator_rank0.pt", "generator_rank1.pt", "state.pt", "weights.safetensors"]
+    generators = [torch.load(tmp_path / "state" / f"generator_rank{r}.pt", weights_only=True) for r in range(2)]
+    assert not torch.equal(*generators)  # each process draws its own timesteps and noise
+    assert [r["step"] for r in _log(tmp_path)] == ["1", "2"]  # logged once, by process 0

@@ -10,6 +10,7 @@ from ..generation.options import CATEGORIES
 
 SECTIONS = ("model", "data", "train", "loss")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+PATH_KEYS = ("sd_checkpoint", "tokenizer", "vgg16_weights", "dists_weights", "manifest", "output_dir", "resume")
 
 
 class ConfigError(ValueError):
@@ -118,10 +119,10 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
         if base is not None:
-            for key in ("sd_checkpoint", "tokenizer", "vgg16_weights", "dists_weights", "manifest", "output_dir"):
-                if flat.get(key) and not Path(flat[key]).is_absolute():
+            for key in PATH_KEYS:
+                if flat.get(key) and flat[key] != "latest" and not Path(flat[key]).is_absolute():
                     flat[key] = str(base / flat[key])
         try:
             return cls(**flat)
-        except TypeError as e:
+        except TypeError as e:  # a missing/extra argument, or a value of the wrong type met in validate
             raise ConfigError(str(e)) from e

@@ -126,7 +126,7 @@ class AnyDressingTrainer:
         if self.dists is not None:
             self.dists.to(self.device)
         self.dataset = dataset
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+        self.generator = torch.Generator().manual_seed(cfg.seed + 1_000_003 * self.rank)  # own draws per process
         self.step = 0
         self.output = Path(cfg.output_dir)
         self._empty_context: Tensor | None = None
@@ -310,14 +310,23 @@ class AnyDressingTrainer:
 
     def _optimizer_step(self) -> None:
         if self.world > 1:
-            for p in self.trainable.parameters():
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)
-                p.grad /= self.world
+            self._average_gradients()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def _average_gradients(self) -> None:
+        """Mean of every process's gradients; a tensor no process gave a gradient keeps none (AdamW skips it)."""
+        params = list(self.trainable.parameters())
+        present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=self.device)
+        dist.all_reduce(present)
+        for p, count in zip(params, present.tolist(), strict=True):
+            if count == 0:
+                continue
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= self.world
 
     def items(self) -> Iterator[dict[str, Any]]:
         """The dataset in a seeded order, reshuffled each epoch, starting where `self.step` left off."""
@@ -390,40 +399,50 @@ class AnyDressingTrainer:
         )
 
     def save(self) -> Path | None:
-        """The model file (models/step_XXXXXXX.safetensors) and the resume state (state/), atomically replaced."""
-        if self.rank != 0:
-            return None
-        models = self.output / "models"
-        models.mkdir(parents=True, exist_ok=True)
-        path = models / f"anydressing_step{self.step:07d}.safetensors"
-        tmp = path.with_suffix(".tmp")
-        save_checkpoint(self.anydressing_model(), tmp)
-        tmp.replace(path)
-        if self.cfg.keep_checkpoints:
-            for old in sorted(models.glob("anydressing_step*.safetensors"))[: -self.cfg.keep_checkpoints]:
-                old.unlink()
+        """The model file (models/anydressing_stepXXXXXXX.safetensors, process 0) and the resume state
+        (state/, every process's generator in it), each replaced only once complete. Returns the model file."""
+        path = None
+        if self.rank == 0:
+            models = self.output / "models"
+            models.mkdir(parents=True, exist_ok=True)
+            path = models / f"anydressing_step{self.step:07d}.safetensors"
+            tmp = path.with_suffix(".tmp")
+            save_checkpoint(self.anydressing_model(), tmp)
+            tmp.replace(path)
+            if self.cfg.keep_checkpoints:
+                for old in sorted(models.glob("anydressing_step*.safetensors"))[: -self.cfg.keep_checkpoints]:
+                    old.unlink()
         self._save_state(self.output / STATE_DIR)
         return path
 
     def _save_state(self, folder: Path) -> None:
         tmp = folder.with_name(folder.name + ".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
-        weights = {k: v.detach().contiguous().cpu() for k, v in self.trainable.state_dict().items()}
-        save_file(weights, str(tmp / "weights.safetensors"))
-        state = {
-            "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
-        torch.save(state, tmp / "state.pt")
-        if folder.exists():
-            for f in folder.iterdir():
-                f.unlink()
-            folder.rmdir()
-        tmp.rename(folder)
+        if self.rank == 0:
+            _empty_dir(tmp)  # a save interrupted earlier may have left files there
+            weights = {k: v.detach().contiguous().cpu() for k, v in self.trainable.state_dict().items()}
+            save_file(weights, str(tmp / "weights.safetensors"))
+            state = {
+                "step": self.step,
+                "world": self.world,
+                "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            }
+            torch.save(state, tmp / "state.pt")
+        self._barrier()
+        torch.save(self.generator.get_state(), tmp / f"generator_rank{self.rank}.pt")
+        self._barrier()
+        if self.rank == 0:
+            if folder.exists():
+                _empty_dir(folder)
+                folder.rmdir()
+            tmp.rename(folder)
+        self._barrier()
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
 
     def resume(self, where: str) -> None:
         folder = self.output / STATE_DIR if where == "latest" else Path(where)
@@ -434,12 +453,15 @@ class AnyDressingTrainer:
         try:
             weights = load_file(str(folder / "weights.safetensors"))
             state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+            if int(state["world"]) != self.world:
+                raise ValueError(f"it was saved by {state['world']} processes, this run has {self.world}")
+            generator = torch.load(folder / f"generator_rank{self.rank}.pt", weights_only=True)
             self.trainable.load_state_dict(weights, strict=True)
             self.optimizer.load_state_dict(state["optimizer"])
         except (OSError, RuntimeError, KeyError, ValueError) as e:
             raise TrainingError(f"resume: '{folder}' cannot be loaded: {e}") from e
         self.scaler.load_state_dict(state["scaler"])
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(generator)
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -529,6 +551,12 @@ class _EpochOrder(torch.utils.data.Sampler):
                 order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
             yield order[position % self.n]
             position += self.world
+
+
+def _empty_dir(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in folder.iterdir():
+        f.unlink()
 
 
 def _checkpointed(inner):
