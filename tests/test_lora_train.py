@@ -125,7 +125,7 @@ def test_overfits_three_images_and_leaves_the_model_as_found(model, dataset, tmp
     _assert_untouched(model, before)
     model.unet.input_blocks[0][0].weight.requires_grad_(False)
     end = _fixed_loss(model, dataset, result.output)
-    assert end < 0.65 * start, (start, end)
+    assert end < 0.7 * start, (start, end)  # here: eps 1.70 -> 1.07, v 1.17 -> 0.52
     assert [p.step for p in progress] == list(range(1, 41)) and progress[-1].eta_s == 0 and progress[0].sec_per_step > 0
     with safe_open(str(result.output), framework="pt") as f:
         meta = f.metadata()
