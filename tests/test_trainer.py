@@ -205,27 +205,35 @@ def test_non_finite_loss_stops_before_touching_the_weights(tmp_path):
     assert not any("forward" in m.__dict__ for m in trainer.sd.unet.modules())
 
 
-def test_dataset_manifest_sample_grid_and_config_file(tmp_path):
-    from lib_anydressing.training.dataset import DressingDataset
+def test_train_command_from_a_single_file_checkpoint_and_a_manifest(tmp_path, capsys):
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from lib_anydressing.sd_checkpoint import original_state_dict
     from lib_anydressing.training.synthetic import make_synthetic_dataset
 
-    manifest = make_synthetic_dataset(tmp_path / "data", n_samples=2, size=(SIZE, SIZE))
+    sd = tiny_stable_diffusion(0)
+    save_file({k: v.contiguous() for k, v in original_state_dict(sd).items()}, str(tmp_path / "sd.safetensors"))
+    (tmp_path / "tokenizer").mkdir()
+    sd.tokenizer.save_vocabulary(str(tmp_path / "tokenizer"))
+    make_synthetic_dataset(tmp_path / "data", n_samples=2, size=(SIZE, SIZE))
     config = tmp_path / "cfg.toml"
     config.write_text(
+        '[model]\nsd_checkpoint = "sd.safetensors"\ntokenizer = "tokenizer"\nslots = ["upper", "lower"]\n'
         '[data]\nmanifest = "data/manifest.jsonl"\nsize = [64, 64]\ngarment_size = [64, 64]\nnum_workers = 0\n'
-        '[model]\nslots = ["upper", "lower"]\n[train]\noutput_dir = "out"\nsample_every = 2\nsample_steps = 2\n'
-        'device = "cpu"\n[loss]\neta = 1000\n'
+        '[train]\noutput_dir = "out"\nsteps = 2\nsample_every = 2\nsample_steps = 2\ndevice = "cpu"\n'
+        "[loss]\neta = 1000\n"
     )
-    cfg = TrainConfig.from_toml(config)
-    assert cfg.manifest == str(manifest) and cfg.output_dir == str(tmp_path / "out")
-    dataset = DressingDataset(cfg.manifest, tuple(cfg.size), tuple(cfg.garment_size), cfg.slots)
-    trainer = AnyDressingTrainer(cfg, tiny_stable_diffusion(0), dataset, say=lambda _: None)
-    trainer.train(steps=2)
-    from PIL import Image
-
+    parser = __import__("argparse").ArgumentParser()
+    cli.add_arguments(parser)
+    assert cli.main(parser.parse_args(["--config", str(config)])) == 0
+    out = capsys.readouterr().out
+    assert "2 of 2 samples usable" in out and "without L_perc" in out and "done: step 2" in out
     grid = Image.open(tmp_path / "out" / "samples" / "step0000002.png")
     assert grid.height == SIZE and grid.width > 3 * SIZE  # garments | target | generated
-    assert len(_log(tmp_path / "out")) == 2
+    assert [r["step"] for r in _log(tmp_path / "out")] == ["1", "2"]
+    model = load_checkpoint(tmp_path / "out" / "models" / "anydressing_step0000002.safetensors")
+    assert model.projections is not None and model.lora is not None and model.garments_net_weights
     config.write_text("[train]\nstepz = 3\n")
     with pytest.raises(ConfigError, match="stepz"):
         TrainConfig.from_toml(config)

@@ -80,7 +80,11 @@ class StepLosses:
 
 
 class AnyDressingTrainer:
-    """Builds the trainable model around a StableDiffusion and runs optimisation steps over a dataset."""
+    """Builds the trainable model around a StableDiffusion and runs optimisation steps over a dataset.
+
+    The trainer owns `sd`: it moves it to the training device and, under mixed precision, stores its
+    frozen weights in the autocast dtype; it never changes their values.
+    """
 
     def __init__(
         self,
