@@ -21,10 +21,11 @@ def _gen(seed):
 
 @pytest.fixture(scope="module")
 def vgg_state():
-    from torchvision.models import vgg16
+    from torchvision.models.vgg import cfgs, make_layers
 
     torch.manual_seed(0)
-    return vgg16(weights=None).state_dict()  # the real class, random weights (no ImageNet file here)
+    features = make_layers(cfgs["D"])  # torchvision's own VGG16 feature stack, random weights (no ImageNet file)
+    return {f"features.{k}": v for k, v in features.state_dict().items()}  # DISTS reads only these
 
 
 # --- L_LDM ----------------------------------------------------------------------------------------------------
@@ -108,9 +109,9 @@ def test_high_frequency_loss_matches_the_formula():
 
 def _plain_dists(vgg_state, x, y, alpha, beta):
     """DISTS from the paper, step by step: VGG16 layers run one by one, max pooling -> Hann L2 pooling."""
-    from torchvision.models import vgg16
+    from torchvision.models.vgg import cfgs, make_layers
 
-    net = vgg16(weights=None).features
+    net = make_layers(cfgs["D"])
     net.load_state_dict({k.removeprefix("features."): v for k, v in vgg_state.items() if k.startswith("features.")})
     hann = torch.tensor([0.5, 1.0, 0.5])
     g = torch.outer(hann, hann) / torch.outer(hann, hann).sum()

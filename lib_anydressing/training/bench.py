@@ -115,12 +115,13 @@ def run_bench_train(
     mixed_precision: str = "auto",
     device: str = "cpu",
 ) -> dict[str, Any]:
-    from torchvision.models import vgg16
+    from torchvision.models.vgg import cfgs, make_layers
 
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     sd = bench_model(model_channels, vae_channels)
-    dists = DISTS(vgg16(weights=None).state_dict())  # random VGG: the cost of L_perc, not its values
+    vgg = make_layers(cfgs["D"])  # torchvision's VGG16 feature stack, random: the cost of L_perc, not its values
+    dists = DISTS({f"features.{k}": v for k, v in vgg.state_dict().items()})
     item = synthetic_item(size, garment_size, n_garments)
     result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as out:

@@ -61,7 +61,8 @@ class DISTS(nn.Module):
         super().__init__()
         from torchvision.models import vgg16
 
-        features = vgg16(weights=None).features
+        with torch.device("meta"):  # no random init of weights about to be replaced (VGG16 has 138M)
+            features = vgg16(weights=None).features
         wanted = features.state_dict()
         given = {k.removeprefix("features."): v for k, v in vgg_state.items() if k.startswith("features.")}
         missing = sorted(set(wanted) - set(given))
@@ -73,7 +74,7 @@ class DISTS(nn.Module):
         bad = [k for k in wanted if given[k].shape != wanted[k].shape]
         if bad:
             raise DISTSWeightsError(f"VGG16 tensor features.{bad[0]} has shape {tuple(given[bad[0]].shape)}")
-        features.load_state_dict({k: given[k].float() for k in wanted})
+        features.load_state_dict({k: given[k].float() for k in wanted}, assign=True)
         self.stages = nn.ModuleList(
             nn.Sequential(*([L2Pool()] if i else []), *features[start:end]) for i, (start, end) in enumerate(_STAGES)
         )
