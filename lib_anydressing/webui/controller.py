@@ -69,8 +69,9 @@ class Controller:
     def process(self, p: Any, opts: DressingOptions) -> None:
         """Before the batches: clean up, check everything that can be checked, load the model.
 
-        Extraction waits for `process_batch`: A1111 activates the prompt's LoRAs in between, and
-        training-free garment tokens must come from the same weights as the UNet they join.
+        Extraction waits for `process_batch` (A1111 activates the prompt's LoRAs in between) or, on
+        Forge, for `before_sampling` (Forge merges them when it loads the UNet): training-free garment
+        tokens must come from the same weights as the UNet they join.
         """
         unet = unet_of(p)
         self.finish(unet)
@@ -122,9 +123,8 @@ class Controller:
         unet = clone.model.diffusion_model
         if not self._dress(p, unet, lambda session: forge.attach_dresser(session, unet)):
             return
-        try:
-            assert self.session is not None and self.session.dresser is not None
-            forge.add_patches(clone, self.session.dresser)
+        try:  # _dress succeeded: the session and its Dresser are there
+            forge.add_patches(clone, self.session.dresser)  # type: ignore[union-attr]
         except Exception as e:
             self._fail(p, unet, e)
 
