@@ -10,6 +10,9 @@ webui-forge at commit dfdcbab (June 2025, the gradio 4.40 `backend/` version):
   and how backend/nn/unet.py BasicTransformerBlock runs attn1: the patch under (block, number,
   transformer index), else (block, number), gets to_q/to_k/to_v outputs and extra_options, and its
   result goes through to_out; without a patch, to_q/k/v, backend.attention.attention_function, to_out.
+  `calc_cond_uncond_batch` and `cfg_step` mirror the same file's batching (each prompt a chunk of one
+  row per image, the batch assembled last entry first) and sampling_function_inner's CFG with its
+  post-CFG functions.
 - `attention_pytorch`: backend/attention.py's attention_pytorch(q, k, v, heads).
 The UNet itself is ldm's (the same module tree Forge's IntegratedUNet2DConditionModel names).
 """
@@ -62,6 +65,10 @@ class FakeUnetPatcher:
 
     def set_model_attn1_replace(self, patch, block_name, number, transformer_index=None):
         self.set_model_patch_replace(patch, "attn1", block_name, number, transformer_index)
+
+    def set_model_sampler_post_cfg_function(self, post_cfg_function, disable_cfg1_optimization=False):
+        functions = self.model_options.get("sampler_post_cfg_function", [])
+        self.model_options["sampler_post_cfg_function"] = [*functions, post_cfg_function]
 
 
 class ForgeObjects:  # backend/diffusion_engine/base.py: the unet/clip/vae/clipvision holder
@@ -132,15 +139,44 @@ def forge_apply(patcher, x, t, context, cond_or_uncond, mask_hook=None):
             del attn.forward
 
 
+def calc_cond_uncond_batch(model, cond, uncond, x_in, timestep, model_options):
+    """(cond prediction, uncond prediction): here each prompt is a context tensor with a row per image."""
+    entries = [(c, 0) for c in cond] + [(u, 1) for u in uncond or []]
+    entries.reverse()
+    chunks = len(entries)
+    patcher = types.SimpleNamespace(model=model, model_options=model_options)
+    out = forge_apply(
+        patcher, x_in.repeat(chunks, 1, 1, 1), timestep.repeat(chunks), torch.cat([c for c, _ in entries]),
+        [kind for _, kind in entries],
+    ).chunk(chunks)  # fmt: skip
+    cond_out = [o for o, (_, kind) in zip(out, entries, strict=True) if kind == 0]
+    uncond_out = [o for o, (_, kind) in zip(out, entries, strict=True) if kind == 1]
+    mean = lambda outs: sum(outs) / len(outs) if outs else torch.zeros_like(x_in)  # noqa: E731
+    return mean(cond_out), mean(uncond_out)
+
+
+def cfg_step(patcher, x, t, cond, uncond, cond_scale):
+    """sampling_function_inner: CFG (no uncond pass at scale 1), then the post-CFG functions."""
+    options = patcher.model_options
+    uncond_ = None if cond_scale == 1 else uncond
+    cond_pred, uncond_pred = calc_cond_uncond_batch(patcher.model, cond, uncond_, x, t, options)
+    result = uncond_pred + (cond_pred - uncond_pred) * cond_scale
+    for fn in options.get("sampler_post_cfg_function", []):
+        args = {"denoised": result, "cond": cond, "uncond": uncond, "model": patcher.model}
+        args.update(uncond_denoised=uncond_pred, cond_denoised=cond_pred, sigma=t, model_options=options, input=x)
+        result = fn(args)
+    return result
+
+
 @pytest.fixture(autouse=True)
-def forge_attention(monkeypatch):
-    """`backend.attention` as the adapter imports it, answering with attention_pytorch."""
-    backend = types.ModuleType("backend")
-    module = types.ModuleType("backend.attention")
-    module.attention_function = attention_pytorch
-    backend.attention = module
-    monkeypatch.setitem(sys.modules, "backend", backend)
-    monkeypatch.setitem(sys.modules, "backend.attention", module)
+def forge_backend(monkeypatch):
+    """`backend.attention` and `backend.sampling.sampling_function` as the adapter imports them."""
+    modules = {name: types.ModuleType(name) for name in ("backend", "backend.attention", "backend.sampling")}
+    modules["backend.sampling.sampling_function"] = types.ModuleType("backend.sampling.sampling_function")
+    modules["backend.attention"].attention_function = attention_pytorch
+    modules["backend.sampling.sampling_function"].calc_cond_uncond_batch = calc_cond_uncond_batch
+    for name, module in modules.items():
+        monkeypatch.setitem(sys.modules, name, module)
 
 
 @pytest.fixture
@@ -329,12 +365,11 @@ def test_hires_pass_gets_a_fresh_clone_and_reuses_features(setup):
     _untouched(p, user, unet, snapshot)
 
 
-def test_dressing_range_and_garment_guidance_on_forge(setup):
+def test_dressing_range_on_forge(setup):
     controller, p, unet, user = setup
     x, t, context = _batch(2)
     plain = forge_apply(user, x, t, context, [1, 0])
-    controller.process(p, from_api({"enabled": True, "garments": _garments(), "start": 0.5, "garment_guidance": 3}))
-    assert any("garment guidance is not available on Forge" in c for c in p.comments)
+    controller.process(p, from_api({"enabled": True, "garments": _garments(), "start": 0.5}))
     controller.before_sampling(p)
     clone = p.sd_model.forge_objects.unet
     steps = {}
@@ -344,6 +379,31 @@ def test_dressing_range_and_garment_guidance_on_forge(setup):
     controller.finish(unet)
     assert torch.equal(steps[2], plain)
     assert (steps[7][2:] - plain[2:]).abs().max() > 1e-3
+
+
+def test_garment_guidance_on_forge(setup):
+    controller, p, unet, user = setup
+    x, t, both = _batch(2)
+    x, t, cond, uncond = x[:2], t[:2], both[:2], both[2:]
+    w, w_g = 7.0, 3.0
+    controller.process(p, _opts(garment_guidance=w_g))
+    controller.before_sampling(p)
+    assert not p.comments and controller.guidance is None  # not A1111's extra CFG rows
+    clone = p.sd_model.forge_objects.unet
+    got = cfg_step(clone, x, t, [cond], [uncond], w)
+    at_scale_1 = cfg_step(clone, x, t, [cond], [uncond], 1.0)
+    session, prepared = controller.session, controller.session.prepared
+    reference = Dresser(
+        unet, prepared.features, None, strength=session.strength, weights=prepared.weights, regions=prepared.regions
+    )
+    controller.finish(unet)
+    with torch.no_grad():
+        u = unet(x, t, context=uncond)
+        with reference:  # A1111's path, every row conditional: text with garments, negative prompt with garments
+            text, g = unet(x, t, context=cond), unet(x, t, context=uncond)
+    torch.testing.assert_close(got, u + w * (text - g) + w_g * (g - u), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(at_scale_1, text, atol=1e-5, rtol=1e-5)  # no uncond pass: no correction
+    assert (got - (u + w * (text - u))).abs().max() > 1e-3
 
 
 def test_models_without_a_unet_are_refused_on_forge(setup, monkeypatch):

@@ -99,9 +99,6 @@ class Controller:
         except Exception as e:  # a bad file or an unforeseen error: a message, never a traceback in the UI
             self._fail(p, unet, e)
             return
-        if is_forge(p) and opts.garment_guidance is not None:
-            p.comment(f"{PREFIX}: garment guidance is not available on Forge yet: dressing without it")
-            opts.garment_guidance = None
         self._pending = _Pending(opts, model, model_key, label)
         _close_with(p, lambda: self.finish(unet))
 
@@ -125,6 +122,10 @@ class Controller:
             return
         try:  # _dress succeeded: the session and its Dresser are there
             forge.add_patches(clone, self.session.dresser)  # type: ignore[union-attr]
+            scale = self._pending.opts.garment_guidance
+            if scale is not None:  # Forge runs hires passes at their own CFG scale
+                cfg = getattr(p, "hr_cfg", p.cfg_scale) if getattr(p, "is_hr_pass", False) else p.cfg_scale
+                forge.add_garment_guidance(clone, scale, float(cfg))
         except Exception as e:
             self._fail(p, unet, e)
 
@@ -169,8 +170,10 @@ class Controller:
             return False
         self.session = session
         self.cfg_scale = float(getattr(p, "cfg_scale", 7.0))
-        self.guidance = (
-            None if pending.opts.garment_guidance is None else GarmentGuidance(pending.opts.garment_guidance)
+        self.guidance = (  # Forge: a post-CFG function on its UnetPatcher instead (see before_sampling)
+            None
+            if pending.opts.garment_guidance is None or is_forge(p)
+            else GarmentGuidance(pending.opts.garment_guidance)
         )
         if first:
             for note in prepared.notes:

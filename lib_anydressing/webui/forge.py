@@ -81,6 +81,29 @@ def add_patches(patcher: Any, dresser: Dresser, attention: ForgeAttention | None
         patcher.set_model_attn1_replace(_replace_patch(dresser, name, previous, attention), *block)
 
 
+def add_garment_guidance(patcher: Any, scale: float, cfg_scale: float) -> None:
+    """MagicClothing's garment guidance as a Forge post-CFG function on `patcher`.
+
+    A1111 gets the garments-only prediction g from rows its CFG callback adds to the batch; Forge
+    builds its batch from the prompt composition instead, so g is one more UNet pass here: the
+    negative prompt run as a conditional prompt, whose rows the attn1 patches therefore dress. The
+    combination is GarmentGuidance's, u + w (text - g) + w_g (g - u) = D + (w_g - w)(g - u), and a
+    step Forge ran without the unconditional pass (CFG scale 1) is left alone, as on A1111.
+    """
+    from backend.sampling.sampling_function import calc_cond_uncond_batch
+
+    def post_cfg(args: dict) -> Tensor:
+        uncond_pred = args["uncond_denoised"]
+        if args["uncond"] is None or not bool(uncond_pred.any()):
+            return args["denoised"]
+        garments, _ = calc_cond_uncond_batch(
+            args["model"], args["uncond"], None, args["input"], args["sigma"], args["model_options"]
+        )
+        return args["denoised"] + (scale - cfg_scale) * (garments - uncond_pred)
+
+    patcher.set_model_sampler_post_cfg_function(post_cfg)
+
+
 def _replace_patch(dresser: Dresser, name: str, previous: ReplacePatch | None, attention: ForgeAttention):
     """A plain function, not an object: Forge deep-copies model_options on every clone()."""
 
