@@ -42,7 +42,7 @@ from ..engine import (
     save_checkpoint,
     self_attention_layers,
 )
-from ..engine.forward_patch import ForwardPatch
+from ..garment_lora.memory import training_patches
 from ..sd_checkpoint import StableDiffusion, load_sd_checkpoint
 from .config import TrainConfig
 from .dists import DISTS, load_dists
@@ -109,7 +109,6 @@ class AnyDressingTrainer:
         weights = {k: v.detach().clone().float() for k, v in unet.state_dict().items() if not k.startswith(skip)}
         lora = GarmentLoRA(dims, n_slots=len(cfg.slots), rank=cfg.lora_rank, alpha=cfg.lora_alpha)
         self.garments_net = GarmentsNet.from_state_dict(unet, weights, lora=lora, tap="attn_output")
-        _disable_ldm_checkpointing(self.garments_net.unet)  # our own copy: off for good
         self.projections = DressingProjections.from_unet(unet).float()
         self.trainable = nn.ModuleDict({"garments_net": self.garments_net.unet, "lora": lora, "da": self.projections})
         self.trainable.to(self.device).requires_grad_(True).train()
@@ -157,8 +156,8 @@ class AnyDressingTrainer:
     def sample_losses(self, item: dict[str, Any], *, backward_scale: float | None = None) -> StepLosses:
         """Losses of one dataset item; with `backward_scale`, also backpropagates total * scale.
 
-        The backward runs inside the patches (Dresser, gradient checkpointing) that the recomputation
-        of checkpointed blocks needs.
+        Call inside `patched()`. The backward runs inside the Dresser, which the recomputation of
+        checkpointed blocks needs.
         """
         gen, dev = self.generator, self.device
         person = item["person"][None].to(dev)
@@ -344,25 +343,19 @@ class AnyDressingTrainer:
 
     @contextlib.contextmanager
     def patched(self):
-        """DressingNet set up for training steps, and put back exactly afterwards: ldm's own checkpoint
-        flags off and, with `gradient_checkpointing`, its top-level blocks checkpointed.
+        """Both UNets set up for training steps, and put back exactly afterwards (garment_lora's patches).
 
-        torch's non-reentrant checkpoint, not ldm's own (`use_checkpoint`): ldm's recomputes only
-        gradients of the block's own parameters and would drop those of the DA projections and GarmentsNet.
+        ldm's own checkpoint flags go off: its checkpoint differentiates only a block's own parameters
+        and would drop the gradients of the DA projections, the GFE LoRAs and GarmentsNet. With
+        `gradient_checkpointing`, torch's non-reentrant checkpoint wraps DressingNet's transformer blocks
+        and ResBlocks (GarmentsNet is checkpointed as a whole in `_features`). SDPA replaces ldm's einsum
+        attention in both, which would otherwise hold every attention matrix for the backward pass.
         """
-        patches: list[ForwardPatch] = []
-        flags = _disable_ldm_checkpointing(self.sd.unet)
-        try:
-            if self.cfg.gradient_checkpointing:
-                unet = self.sd.unet
-                for block in [*unet.input_blocks, unet.middle_block, *unet.output_blocks]:
-                    patches.append(ForwardPatch(block, _checkpointed))
+        with (
+            training_patches(self.sd.unet, gradient_checkpointing=self.cfg.gradient_checkpointing, sdpa=True),
+            training_patches(self.garments_net.unet, gradient_checkpointing=False, sdpa=True),
+        ):
             yield
-        finally:
-            for patch in reversed(patches):
-                patch.restore()
-            for module, attr, value in flags:
-                setattr(module, attr, value)
 
     def _log(self, row: dict[str, Any]) -> None:
         if self.rank != 0:
@@ -561,27 +554,6 @@ def _empty_dir(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for f in folder.iterdir():
         f.unlink()
-
-
-def _checkpointed(inner):
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        if not torch.is_grad_enabled():
-            return inner(*args, **kwargs)
-        return checkpoint(inner, *args, use_reentrant=False, **kwargs)
-
-    return forward
-
-
-def _disable_ldm_checkpointing(unet: nn.Module) -> list[tuple[nn.Module, str, bool]]:
-    """Turn ldm's own checkpoint flags off (see `patched`); returns what to put back."""
-    changed = []
-    for module in unet.modules():
-        for attr in ("checkpoint", "use_checkpoint"):
-            value = module.__dict__.get(attr)
-            if value is True:
-                changed.append((module, attr, value))
-                setattr(module, attr, False)
-    return changed
 
 
 def _distributed_setup() -> tuple[int, int]:
