@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..config_file import ConfigFileError, read_toml
 from ..weights_file import WeightsFileError
 
 PATH_KEYS = ("clip", "aesthetic", "aesthetic_clip", "manifest", "out")
@@ -44,18 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def read_config(path: Path) -> dict[str, Any]:
     try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10 (the WebUI's): the same parser, packaged
-        try:
-            import tomli as tomllib
-        except ModuleNotFoundError as e:
-            raise ConfigError("reading TOML on Python 3.10 needs `pip install tomli`; or pass flags") from e
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ConfigError(f"cannot read '{path}': {e}") from e
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"'{path}' is not valid TOML: {e}") from e
+        data = read_toml(path)
+    except ConfigFileError as e:
+        raise ConfigError(str(e)) from e
     data = data.get("eval", data)
     for key in PATH_KEYS:
         if key in data:

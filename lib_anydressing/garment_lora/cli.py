@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..config_file import ConfigFileError, read_toml
 from ..sd_checkpoint import SDCheckpointError, load_sd_checkpoint
 from .trainer import PRESETS, Progress, TrainConfig, TrainingError, train_lora
 
@@ -49,7 +50,7 @@ def main(args: argparse.Namespace) -> int:
         )
         if not config.base_model_name:
             config.base_model_name = Path(model_settings["checkpoint"]).name
-    except (TrainingError, SDCheckpointError, OSError) as e:
+    except (TrainingError, ConfigFileError, SDCheckpointError, OSError) as e:
         print(f"error: {e}")
         return 2
     stop = threading.Event()
@@ -66,22 +67,6 @@ def main(args: argparse.Namespace) -> int:
         print(f"skipped {line}")
     print(result.message)
     return {"done": 0, "interrupted": 130}.get(result.status, 1)
-
-
-def read_toml(path: Path) -> dict[str, Any]:
-    """The settings file as a dict; Python 3.10 needs the `tomli` package (3.11+ has tomllib)."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        try:
-            import tomli as tomllib
-        except ModuleNotFoundError as e:
-            raise TrainingError("reading TOML on Python 3.10 needs `pip install tomli` (3.11+ has it built in)") from e
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
-        raise TrainingError(f"'{path}' is not valid TOML: {e}") from e
 
 
 def build_config(settings: dict[str, Any], preset: str | None, *, overwrite: bool = False) -> TrainConfig:
