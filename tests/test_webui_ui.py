@@ -135,3 +135,76 @@ def test_cutout_sent_from_the_segment_tab_lands_in_a_garment_slot(ui, tmp_path):
             assert page.locator("#script_txt2img_anydressing_slot0_image img").count() == 0
     finally:
         page_blocks.close()
+
+
+# A1111's ui_loadsave (v1.10.1) restated: it walks the tab's block tree; a leaf with a label is saved
+# under "<tab>/<label>/<field>" (a labelless Button under its value; elem_id is used only for Tabs),
+# prefixed "customscript/<script file>/" for the components a script's ui() returned. The first
+# component to claim a key stores its value there; every later one with that key gets that value.
+_SAVED_FIELDS = {
+    gr.Slider: ("visible", "value", "minimum", "maximum", "step"),
+    gr.Radio: ("visible", "value"),
+    gr.Checkbox: ("visible", "value"),
+    gr.Textbox: ("visible", "value"),
+    gr.Number: ("visible", "value"),
+    gr.Dropdown: ("visible", "value"),
+    gr.Button: ("visible",),
+    ToolButton: ("visible",),
+    InputAccordion: ("value",),
+}
+
+
+def _load_ui_config(block, tab: str, settings: dict) -> dict[str, set[int]]:
+    """Apply `settings` (the ui-config.json) as A1111 does; returns each key's components (by id)."""
+    owners: dict[str, set[int]] = {}
+
+    def add(path: str, x) -> None:
+        for name in _SAVED_FIELDS.get(type(x), ()):
+            key = f"{path}/{name}"
+            if getattr(x, "custom_script_source", None) is not None:
+                key = f"customscript/{x.custom_script_source}/{key}"
+            owners.setdefault(key, set()).add(id(x))
+            if key not in settings:
+                settings[key] = getattr(x, name)
+            elif name == "value" and not isinstance(x, InputAccordion):
+                setattr(x, name, settings[key])
+
+    def walk(x) -> None:
+        if hasattr(x, "children"):
+            for child in x.children:
+                walk(child)
+        elif getattr(x, "label", None) is not None:
+            add(f"{tab}/{x.label}", x)
+        elif isinstance(x, gr.Button) and x.value is not None:
+            add(f"{tab}/{x.value}", x)
+
+    walk(block)
+    return owners
+
+
+def test_each_slot_keeps_its_own_saved_ui_defaults(ui, tmp_path):
+    from lib_anydressing.generation.options import CATEGORIES
+
+    module = ui[0]
+    with gr.Blocks() as blocks:
+        components, _ = module.build(lambda name: f"script_txt2img_anydressing_{name}", 4, [tmp_path], lambda: [])
+    for component in components:  # what scripts.create_script_ui_inner does with ui()'s result
+        component.custom_script_source = "anydressing.py"
+    settings: dict = {}
+    owners = _load_ui_config(blocks, "txt2img", settings)
+    shared = {key: len(ids) for key, ids in owners.items() if len(ids) > 1}
+    assert not shared, f"components sharing a ui-config.json key: {shared}"
+    values = dict(zip(script_arg_names(4), (c.value for c in components), strict=True))
+    assert [values[f"slot{i}_category"] for i in range(4)] == [CATEGORIES[i % 2] for i in range(4)]
+    labels = [c.label for c in components]  # the images too, though ui_loadsave does not save them
+    assert len(set(labels)) == len(labels)
+
+    slot1_category = components[script_arg_names(4).index("slot1_category")]
+    settings[next(k for k, ids in owners.items() if ids == {id(slot1_category)} and k.endswith("/value"))] = "dress"
+    with gr.Blocks() as again:  # the next start-up: a saved default reaches its own slot only
+        components, _ = module.build(lambda name: f"script_txt2img_anydressing_{name}", 4, [tmp_path], lambda: [])
+    for component in components:
+        component.custom_script_source = "anydressing.py"
+    _load_ui_config(again, "txt2img", settings)
+    values = dict(zip(script_arg_names(4), (c.value for c in components), strict=True))
+    assert [values[f"slot{i}_category"] for i in range(4)] == ["upper", "dress", "upper", "lower"]

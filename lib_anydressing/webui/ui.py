@@ -54,34 +54,35 @@ def build(elem_id, n_slots: int, dirs, refresh, tab: str = "txt2img") -> tuple[l
             )
         with gr.Tabs():
             for i in range(n_slots):
-                with gr.Tab(f"Garment {i + 1}"):
+                garment = f"Garment {i + 1}"  # in every label: A1111 saves UI defaults by label (ui-config.json)
+                with gr.Tab(garment):
                     with gr.Row():
                         components[f"slot{i}_image"] = gr.Image(
-                            label="Garment (RGBA cutouts: alpha is the mask)",
+                            label=f"{garment} (RGBA cutouts: alpha is the mask)",
                             type="pil",
                             image_mode="RGBA",
                             elem_id=elem_id(f"slot{i}_image"),
                         )
                         components[f"slot{i}_mask"] = gr.Image(
-                            label="Mask (optional)", type="pil", elem_id=elem_id(f"slot{i}_mask")
+                            label=f"{garment} mask (optional)", type="pil", elem_id=elem_id(f"slot{i}_mask")
                         )
                     with gr.Row():
                         components[f"slot{i}_category"] = gr.Dropdown(
                             list(CATEGORIES),
                             value=CATEGORIES[i % 2],
-                            label="Category",
+                            label=f"{garment} category",
                             elem_id=elem_id(f"slot{i}_category"),
                         )
                         components[f"slot{i}_weight"] = gr.Slider(
-                            0.0, 2.0, 1.0, step=0.05, label="Weight", elem_id=elem_id(f"slot{i}_weight")
+                            0.0, 2.0, 1.0, step=0.05, label=f"{garment} weight", elem_id=elem_id(f"slot{i}_weight")
                         )
                         components[f"slot{i}_region"] = gr.Radio(
-                            list(REGIONS), value="none", label="Region", elem_id=elem_id(f"slot{i}_region")
+                            list(REGIONS), value="none", label=f"{garment} region", elem_id=elem_id(f"slot{i}_region")
                         )
                     with gr.Row():
                         for corner, default in (("x0", 0.0), ("y0", 0.0), ("x1", 1.0), ("y1", 1.0)):
                             components[f"slot{i}_box_{corner}"] = gr.Number(
-                                default, label=f"Box {corner}", elem_id=elem_id(f"slot{i}_{corner}")
+                                default, label=f"{garment} box {corner}", elem_id=elem_id(f"slot{i}_{corner}")
                             )
     SLOT_IMAGES[tab] = [components[f"slot{i}_image"] for i in range(n_slots)]
     ordered = [components[name] for name in script_arg_names(n_slots)]
