@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
@@ -47,3 +53,32 @@ def browser_page(url: str, height: int = 1200) -> Iterator:
             yield page
         finally:
             browser.close()
+
+
+@contextmanager
+def standalone_ui(outputs: Path) -> Iterator[str]:
+    """`python -m lib_anydressing ui` on a free localhost port, writing to `outputs`; yields its URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lib_anydressing", "ui", "--port", str(port), "--outputs", str(outputs)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the UI exited: {proc.stdout.read().decode()}") from None
+                if time.time() > deadline:
+                    raise RuntimeError("the UI did not start within 90 s") from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

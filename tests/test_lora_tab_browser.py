@@ -8,48 +8,19 @@ without a checkpoint says why in the page. Skipped where chromium or playwright 
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
-
 import pytest
 from PIL import Image
 
-from browser import CHROMIUM, browser_page, write_photo
+from browser import CHROMIUM, browser_page, standalone_ui, write_photo
 
 playwright = pytest.importorskip("playwright.sync_api")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
 def server(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lib_anydressing", "ui", "--port", str(port), "--outputs", str(tmp_path / "out")],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None:
-                pytest.fail(proc.stdout.read().decode())
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        pytest.fail("the UI did not start")
-    yield url, tmp_path / "out"
-    proc.terminate()
-    proc.wait(timeout=20)
+    with standalone_ui(tmp_path / "out") as url:
+        yield url, tmp_path / "out"
 
 
 def test_import_then_edit_a_caption_in_the_tab(server):
