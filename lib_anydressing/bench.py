@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import time
 from collections.abc import Callable
 
 import torch
 
+from .bench_output import print_result
 from .engine import Dresser, DressingProjections, GarmentLoRA, GarmentsNet, self_attention_layers
 from .engine.sd_unet import SD15_UNET, build_unet
 
@@ -43,11 +43,7 @@ def main(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         model_channels=args.model_channels,
     )
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key:>28}: {value}")
+    print_result(result, args.json)
     return 0
 
 

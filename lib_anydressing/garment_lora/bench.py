@@ -11,7 +11,6 @@ for a quick CPU run.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..bench_output import print_result
 from ..engine.sd_unet import SD15_UNET, build_unet, reinitialise
 from ..sd_checkpoint import SD_VAE, StableDiffusion, build_autoencoder, tiny_clip_tokenizer
 from .trainer import Progress, TrainConfig, train_lora
@@ -43,11 +43,7 @@ def main(args: argparse.Namespace) -> int:
         device=torch.device(args.device),
         rank=args.rank,
     )
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key:>28}: {value}")
+    print_result(result, args.json)
     return 0
 
 

@@ -7,7 +7,6 @@ a 1024x768 photo; `--checkpoint` times a real file. Both figures come from the s
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..bench_output import print_result
 from .predictor import CachedPredictor
 from .sam_models import build_sam, read_state_dict
 
@@ -63,5 +63,5 @@ def main(args: argparse.Namespace) -> int:
         "device": args.device,
         "image_hw": [768, 1024],
     }
-    print(json.dumps(result) if args.json else "\n".join(f"{k:>20}: {v}" for k, v in result.items()))
+    print_result(result, args.json)
     return 0

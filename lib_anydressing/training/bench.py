@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..bench_output import print_result
 from ..engine.sd_unet import SD15_UNET, build_unet, reinitialise
 from ..sd_checkpoint import TINY_VAE, StableDiffusion, tiny_clip_tokenizer
 from .config import MIXED_PRECISION, TrainConfig
@@ -52,11 +52,7 @@ def main(args: argparse.Namespace) -> int:
             mixed_precision=args.mixed_precision,
             device=args.device,
         )
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for key, value in result.items():
-            print(f"{key:>36}: {value}")
+    print_result(result, args.json)
     return 0
 
 

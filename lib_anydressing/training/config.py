@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..config_file import ConfigFileError, read_toml
 from ..generation.options import CATEGORIES
 
 SECTIONS = ("model", "data", "train", "loss")
@@ -89,20 +90,11 @@ class TrainConfig:
 
     @classmethod
     def from_toml(cls, path: str | Path) -> TrainConfig:
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            try:
-                import tomli as tomllib
-            except ModuleNotFoundError as e:
-                raise ConfigError("reading TOML on Python 3.10 needs the 'tomli' package") from e
         path = Path(path)
         try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except OSError as e:
-            raise ConfigError(f"cannot read '{path}': {e}") from e
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"'{path}' is not valid TOML: {e}") from e
+            data = read_toml(path)
+        except ConfigFileError as e:
+            raise ConfigError(str(e)) from e
         return cls.from_dict(data, base=path.parent)
 
     @classmethod
