@@ -118,3 +118,35 @@ def test_saved_file_reloads_with_its_scale(tmp_path):
         want = (x @ layer.lora_down.weight.T.float() @ layer.lora_up.weight.T.float()) * 2 / 4  # alpha / dim
         torch.testing.assert_close(layer.delta(x, 1.0), want, atol=1e-3, rtol=1e-3)  # saved in fp16
         torch.testing.assert_close(layer.delta(x, 0.5), want * 0.5, atol=1e-3, rtol=1e-3)
+
+
+def test_the_scale_follows_the_loaded_alpha(tmp_path):
+    """The scale is a float kept beside the alpha buffer: loading a file (or a resumed run's state_dict)
+    with another alpha must change the applied delta to up(down(x)) * alpha / rank, and save that alpha."""
+    from safetensors.torch import load_file, save_file
+
+    unet = build_unet(SD15_UNET, **SMALL)
+    trained = KohyaLoRA(unet, rank=4, alpha=2)
+    _nonzero(trained, seed=5)
+    trained.save(tmp_path / "a2.safetensors")
+    tensors = load_file(str(tmp_path / "a2.safetensors"))
+    save_file({k: torch.tensor(6.0) if k.endswith(".alpha") else v for k, v in tensors.items()}, tmp_path / "a6.st")
+    key, module = next((k, m) for k, m in trained.targets.items() if isinstance(m, torch.nn.Linear))
+    x = torch.randn(3, module.in_features)
+    with torch.no_grad():
+        base = module(x)
+        loaded = KohyaLoRA(unet, rank=4, alpha=2).install()
+        layer = loaded.layers[key]
+        for name, alpha in (("a2.safetensors", 2), ("a6.st", 6), ("a2.safetensors", 2)):
+            loaded.load_kohya(tmp_path / name)
+            want = x @ layer.lora_down.weight.T.float() @ layer.lora_up.weight.T.float() * alpha / 4
+            torch.testing.assert_close(module(x) - base, want, atol=1e-5, rtol=1e-4)
+        loaded.load_kohya(tmp_path / "a6.st")
+        resumed = KohyaLoRA(unet, rank=4, alpha=2)
+        resumed.load_state_dict(loaded.state_dict())
+        torch.testing.assert_close(resumed.layers[key].delta(x, 0.5), layer.delta(x, 0.5))
+        assert (layer.delta(x, 1.0) - want * 3).abs().max() < 1e-5  # 6 / 4, not 2 / 4
+        loaded.remove()
+    loaded.save(tmp_path / "again.safetensors")
+    saved = load_file(str(tmp_path / "again.safetensors"))
+    assert all(v.item() == 6.0 for k, v in saved.items() if k.endswith(".alpha"))

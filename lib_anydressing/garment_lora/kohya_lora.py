@@ -69,7 +69,10 @@ def kohya_hashes(tensors: dict[str, Tensor], metadata: dict[str, str]) -> dict[s
 
 
 class LoRALayer(nn.Module):
-    """delta(x) = up(down(x)) * alpha / rank, as kohya defines it; up starts at zero."""
+    """delta(x) = up(down(x)) * alpha / rank, as kohya defines it; up starts at zero.
+
+    The alpha buffer is what the file stores; `scale` (alpha / rank) is kept as a Python float, so the
+    ~200 deltas of a UNet forward never read the buffer back from the GPU (a sync each)."""
 
     def __init__(self, base: nn.Module, rank: int, alpha: float) -> None:
         super().__init__()
@@ -83,10 +86,18 @@ class LoRALayer(nn.Module):
         nn.init.zeros_(self.lora_up.weight)
         self.register_buffer("alpha", torch.tensor(float(alpha)))
         self.rank = rank
+        self.scale = float(alpha) / rank
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)  # load_state_dict (a resumed run) may bring another alpha
+        self.scale = self.alpha.item() / self.rank
+
+    def set_alpha(self, alpha: float) -> None:
+        self.alpha.fill_(alpha)
+        self.scale = float(alpha) / self.rank
 
     def delta(self, x: Tensor, multiplier: float) -> Tensor:
-        scale = multiplier * self.alpha.item() / self.rank
-        return self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype))) * scale
+        return self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype))) * (multiplier * self.scale)
 
 
 class KohyaLoRA(nn.Module):
@@ -170,7 +181,7 @@ class KohyaLoRA(nn.Module):
             for key, layer in self.layers.items():
                 layer.lora_down.weight.copy_(tensors[f"{key}.lora_down.weight"])
                 layer.lora_up.weight.copy_(tensors[f"{key}.lora_up.weight"])
-                layer.alpha.copy_(tensors[f"{key}.alpha"])
+                layer.set_alpha(tensors[f"{key}.alpha"].item())
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
