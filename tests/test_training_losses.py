@@ -168,6 +168,27 @@ def test_dists_matches_the_paper(vgg_state):
     assert xg.grad.abs().sum() > 0 and all(p.grad is None for p in model.parameters())
 
 
+def test_dists_runs_in_float32_under_autocast(vgg_state):
+    """The trainer calls DISTS inside autocast: bf16 statistics would lose most digits (the value here moves
+    by ~30%), and fp16 would round the L2 pooling's epsilon away (sqrt(0): NaN gradient)."""
+    model = DISTS(vgg_state)
+    x = torch.rand(2, 3, 32, 32, generator=_gen(30)) * 2 - 1
+    y = (x + 0.3 * torch.randn(2, 3, 32, 32, generator=_gen(31))).clamp(-1, 1)
+    want = model(x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(x, y)
+        got_from_bf16 = model(x.bfloat16(), y.bfloat16())  # inputs already in the autocast dtype
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got_from_bf16, model(x.bfloat16().float(), y.bfloat16().float()), atol=1e-6, rtol=1e-6)
+    # A garment mask over an all-black prediction: every pixel -1, whole VGG channels exactly 0 after ReLU.
+    black = torch.full((1, 3, 32, 32), -1.0, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        d = model(black, y[:1])
+    d.sum().backward()
+    assert torch.isfinite(d).all() and torch.isfinite(black.grad).all() and black.grad.abs().sum() > 0
+
+
 def test_dists_files_and_uniform_fallback(vgg_state, tmp_path, monkeypatch):
     from lib_anydressing.training import dists as dists_module
 

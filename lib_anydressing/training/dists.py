@@ -50,7 +50,7 @@ class L2Pool(nn.Module):
         self.register_buffer("window", (window / window.sum())[None, None], persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        g = self.window.to(x.dtype).expand(x.shape[1], 1, 3, 3)
+        g = self.window.expand(x.shape[1], 1, 3, 3)
         return (F.conv2d(x * x, g, stride=2, padding=1, groups=x.shape[1]) + 1e-12).sqrt()
 
 
@@ -95,7 +95,7 @@ class DISTS(nn.Module):
 
     def feature_maps(self, x: Tensor) -> list[Tensor]:
         """The input (ImageNet-normalised) and the five stage outputs."""
-        h = ((x + 1) / 2 - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        h = ((x + 1) / 2 - self.mean) / self.std
         maps = [h]
         for stage in self.stages:
             h = stage(h)
@@ -103,13 +103,19 @@ class DISTS(nn.Module):
         return maps
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        """Always float32, autocast off: in fp16 the L2 pooling's 1e-12 rounds to 0 (sqrt(0) -> NaN gradient)
+        and x^2 overflows, and in bf16 the statistics lose most of their digits."""
+        with torch.autocast(x.device.type, enabled=False):
+            return self._distance(x.float(), y.float())
+
+    def _distance(self, x: Tensor, y: Tensor) -> Tensor:
         similarity = x.new_zeros(x.shape[0])
-        alphas = self.alpha.to(x.dtype).split(CHANNELS)
-        betas = self.beta.to(x.dtype).split(CHANNELS)
-        for fx, fy, a, b in zip(self.feature_maps(x), self.feature_maps(y), alphas, betas, strict=True):
+        weights = zip(self.alpha.split(CHANNELS), self.beta.split(CHANNELS), strict=True)
+        for fx, fy, (a, b) in zip(self.feature_maps(x), self.feature_maps(y), weights, strict=True):
             mx, my = fx.mean((2, 3)), fy.mean((2, 3))
-            vx, vy = fx.var((2, 3), unbiased=False), fy.var((2, 3), unbiased=False)
-            cov = (fx * fy).mean((2, 3)) - mx * my
+            dx, dy = fx - mx[..., None, None], fy - my[..., None, None]
+            vx, vy = (dx * dx).mean((2, 3)), (dy * dy).mean((2, 3))
+            cov = (dx * dy).mean((2, 3))  # centred first: E[xy] - mx my cancels where the means dominate
             texture = (2 * mx * my + _C1) / (mx * mx + my * my + _C1)
             structure = (2 * cov + _C2) / (vx + vy + _C2)
             similarity = similarity + (texture * a).sum(1) + (structure * b).sum(1)
