@@ -335,7 +335,7 @@ class Dresser:
     ) -> Tensor:
         if not self.record_attention_mass:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        scores = q @ k.transpose(-1, -2) * (q.shape[-1] ** -0.5)
+        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # scaled first: q k^T can overflow fp16
         probs = (scores if bias is None else scores + bias).softmax(dim=-1)
         garment = probs[..., garment_start:]
         n = len(self._kept)
