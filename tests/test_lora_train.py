@@ -382,3 +382,23 @@ def test_samples_every_epoch_and_aspect_buckets_never_mix_sizes(model, tmp_path)
         == [s.name for s in result.samples]
     )
     assert Image.open(result.samples[0]).size == (128, 128)
+
+
+def test_resume_is_refused_when_a_setting_that_changes_the_run_differs(model, dataset, tmp_path):
+    """Precision, noise offset (extra random draws), min-SNR and learning rates change what the resumed steps
+    compute: such a resume is refused, naming the setting, and the saved state is kept."""
+    before = _snapshot(model)
+    halt = threading.Event()
+    first = train_lora(model, _config(dataset, tmp_path / "out"), on_progress=lambda p: halt.set(), stop=halt)
+    assert first.status == "interrupted" and first.step == 1
+    state = (tmp_path / "out" / "garment-state.pt").read_bytes()
+    changes = {"mixed_precision": "bf16", "noise_offset": 0.1, "min_snr_gamma": 5.0, "learning_rate": 1e-3}
+    for key, value in changes.items():
+        with pytest.raises(TrainingError, match="other settings") as refused:
+            train_lora(model, _config(dataset, tmp_path / "out", **{key: value}))
+        assert f"{key}: " in str(refused.value) and f"{value} now" in str(refused.value)
+        assert [k for k in changes if f"{k}: " in str(refused.value)] == [key]  # only the one that changed
+    assert (tmp_path / "out" / "garment-state.pt").read_bytes() == state
+    _assert_untouched(model, before)
+    resumed = train_lora(model, _config(dataset, tmp_path / "out", epochs=1))  # epochs may change
+    assert resumed.status == "done" and resumed.step == 3

@@ -40,6 +40,26 @@ from .memory import training_patches
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,99}$")
 PRECISIONS = ("fp32", "fp16", "bf16")
+# What a resumed run must share with the saved one (besides the optimizer and the number of images).
+RESUME_KEYS = (
+    "rank",
+    "alpha",
+    "train_text_encoder",
+    "batch_size",
+    "grad_accumulation",
+    "resolution",
+    "buckets",
+    "seed",
+    "mixed_precision",
+    "noise_offset",
+    "min_snr_gamma",
+    "learning_rate",
+    "lr_warmup_steps",
+    "weight_decay",
+    "max_grad_norm",
+    "cache_latents",
+    "masked_loss",
+)
 MIN_SIDE = 64  # smaller photos upscaled to the training size would teach blur
 
 # Settings by GPU memory, for SD1.5 at 512x512 (the rest of TrainConfig keeps its defaults).
@@ -360,11 +380,14 @@ class _Run:
     def state_path(self) -> Path:
         return run_files(self.config)[1]
 
-    def _fingerprint(self) -> str:
-        """The settings a resumed run must share with the saved one to continue it exactly."""
-        keys = ("rank", "alpha", "train_text_encoder", "batch_size", "grad_accumulation", "resolution", "buckets")
-        values = {k: getattr(self.config, k) for k in keys}
-        return json.dumps({**values, "images": len(self.items), "seed": self.config.seed}, sort_keys=True)
+    def _fingerprint(self) -> dict[str, object]:
+        """The settings a resumed run must share with the saved one to continue it exactly: what shapes the
+        LoRA, the batches, the random draws (noise offset, latents encoded per step or cached), the loss and
+        the updates; epochs and max_steps may change."""
+        config = self.config
+        values = {k: getattr(config, k) for k in RESUME_KEYS}
+        values["text_encoder_lr"] = config.text_encoder_lr if config.train_text_encoder else None
+        return {**values, "optimizer": self.optimizer_name, "images": len(self.items)}
 
     def save_state(self) -> None:
         state = {
@@ -374,7 +397,7 @@ class _Run:
             "step": self.step,
             "generator": self.generator.get_state(),
             "losses": torch.tensor(self.losses, dtype=torch.float64),
-            "fingerprint": self._fingerprint(),
+            "fingerprint": json.dumps(self._fingerprint(), sort_keys=True),
             "last_checkpoint": str(self.last_checkpoint.name) if self.last_checkpoint else "",
         }
         tmp = self.state_path.with_suffix(".tmp")
@@ -386,10 +409,11 @@ class _Run:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # a truncated or foreign file: say so rather than crash
             raise TrainingError(f"the saved state '{path.name}' cannot be read ({e}); delete it to start over") from e
-        if state.get("fingerprint") != self._fingerprint():
+        changed = _changed_settings(state.get("fingerprint"), self._fingerprint())
+        if changed:
             raise TrainingError(
-                f"'{path.name}' was saved with other settings or another dataset "
-                f"({state.get('fingerprint')}); resume with the same ones, or allow overwriting to start over"
+                f"'{path.name}' was saved with other settings or another dataset ({changed}); resume with the "
+                "same ones, or allow overwriting to start over"
             )
         self.lora.load_state_dict(state["lora"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -509,6 +533,19 @@ class _Run:
             "modelspec.title": self.name,
         }
         return values
+
+
+def _changed_settings(saved: object, now: dict[str, object]) -> str:
+    """'key: X then, Y now' for every setting that differs from the saved run's; '' when it can resume."""
+    try:
+        before = json.loads(saved)  # type: ignore[arg-type]
+    except (TypeError, json.JSONDecodeError):
+        before = None
+    before = before if isinstance(before, dict) else {}
+    keys = sorted(set(before) | set(now))
+    return ", ".join(
+        f"{k}: {before.get(k, '?')} then, {now.get(k, '?')} now" for k in keys if before.get(k) != now.get(k)
+    )
 
 
 def masked_mse(pred: Tensor, target: Tensor, mask: Tensor | None, weights: Tensor | None = None) -> Tensor:
