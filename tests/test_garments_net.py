@@ -154,3 +154,37 @@ def test_unet_with_a_pooled_input_gets_zeros(garments):
     unet = build_unet(TINY_UNET, num_classes="continuous")  # a Linear pooled input, like SDXL's label_emb
     feats = GarmentsNet(unet, shared=True).extract(garments)
     assert len(feats.per_layer) == len(self_attention_layers(unet))
+
+
+class _ForgeLinear(torch.nn.Module):
+    """Forge's Linear (backend.operations.ForgeOperations.Linear) is a plain nn.Module with `in_features`,
+    `weight` and `bias`, not an nn.Linear subclass; Forge cannot be installed, so this mirrors it."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        gen = torch.Generator().manual_seed(in_features)
+        self.weight = torch.nn.Parameter(torch.randn(out_features, in_features, generator=gen) * in_features**-0.5)
+        self.bias = torch.nn.Parameter(torch.zeros(out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def test_sdxl_pooled_input_on_forge_gets_zeros(garments):
+    """SDXL's label_emb (sgm: num_classes="sequential") is Sequential(Sequential(Linear(adm_in_channels,
+    emb), SiLU, Linear(emb, emb))); on Forge those Linears are Forge's. The ldm UNet's label_emb is
+    rebuilt that way: extraction must pass zeros of adm_in_channels, not class labels."""
+    from lib_anydressing.engine.sd_unet import TINY_UNET, build_unet
+
+    unet = build_unet(TINY_UNET, num_classes="continuous")
+    emb, adm_in_channels = unet.label_emb.out_features, 12
+    unet.label_emb = torch.nn.Sequential(
+        torch.nn.Sequential(_ForgeLinear(adm_in_channels, emb), torch.nn.SiLU(), _ForgeLinear(emb, emb))
+    )
+    seen = []
+    unet.label_emb.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    feats = GarmentsNet(unet, shared=True).extract(garments)
+    assert len(feats.per_layer) == len(self_attention_layers(unet))
+    assert seen[0].dtype == garments.dtype and seen[0].shape == (garments.shape[0], adm_in_channels)
+    assert not seen[0].any()

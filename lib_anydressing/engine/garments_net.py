@@ -228,7 +228,8 @@ def _class_input(unet: nn.Module, x: Tensor) -> dict[str, Tensor]:
     """UNets with a class/pooled-text input (SDXL's `y`) get zeros: the garments carry no such condition."""
     if getattr(unet, "num_classes", None) is None:
         return {}
-    linear = next((m for m in unet.label_emb.modules() if isinstance(m, nn.Linear)), None)
+    # by `in_features`, not nn.Linear: Forge's Linear (backend.operations) is a plain nn.Module
+    linear = next((m for m in unet.label_emb.modules() if hasattr(m, "in_features")), None)
     if linear is None:  # class labels (an nn.Embedding): class 0
         return {"y": torch.zeros(x.shape[0], dtype=torch.long, device=x.device)}
     return {"y": x.new_zeros(x.shape[0], linear.in_features)}
