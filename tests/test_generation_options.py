@@ -136,3 +136,35 @@ def test_content_key_and_feature_cache():
     cache.get("1")
     cache.put("3", feats[0])
     assert cache.get("2") is None and cache.get("1") is feats[1]
+
+
+@pytest.mark.parametrize(
+    "value, enabled",
+    [(True, True), (False, False), ("false", False), ("False", False), ("no", False), ("0", False), (0, False),
+     ("true", True), ("yes", True), ("1", True), (1, True), (None, False)],
+)  # fmt: skip
+def test_enabled_is_read_strictly(value, enabled):
+    """JSON clients send strings too: bool("false") would turn dressing on."""
+    opts = from_api({"enabled": value, "garments": [{"image": _b64(Image.new("RGB", (8, 8)))}]})
+    assert opts.enabled is enabled and not opts.problems
+
+
+@pytest.mark.parametrize("value", ["maybe", "", 2, 0.5, [], "off!"])
+def test_unreadable_enabled_is_a_problem_not_a_guess(value):
+    opts = from_api({"enabled": value, "garments": [{"image": _b64(Image.new("RGB", (8, 8)))}]})
+    assert opts.enabled and not opts.usable  # on, so the WebUI shows the message, and goes on without dressing
+    assert opts.problems == [f"enabled must be true or false, not {value!r}"]
+
+
+def test_positional_garment_guidance_switch_is_read_strictly():
+    from lib_anydressing.generation.options import from_script_args, script_arg_names
+
+    values = dict.fromkeys(script_arg_names(1))
+    values.update(enabled="true", garment_guidance=3.0, slot0_image=Image.new("RGB", (8, 8)), slot0_weight=1.0)
+    for switch, guidance in (("false", None), ("0", None), ("true", 3.0), ("yes", 3.0)):
+        values["garment_guidance_enabled"] = switch
+        opts = from_script_args([values[n] for n in script_arg_names(1)], 1)
+        assert opts.usable and opts.garment_guidance == guidance
+    values["garment_guidance_enabled"] = "sure"
+    opts = from_script_args([values[n] for n in script_arg_names(1)], 1)
+    assert not opts.usable and opts.problems == ["garment guidance enabled must be true or false, not 'sure'"]

@@ -60,8 +60,9 @@ class DressingOptions:
 
 def from_values(general: dict[str, Any], slot_values: list[dict[str, Any]]) -> DressingOptions:
     """Options from plain values: UI components or an API dict, images as PIL or base64 strings."""
-    opts = DressingOptions(enabled=bool(general.get("enabled", False)))
+    opts = DressingOptions()
     problems = opts.problems
+    opts.enabled = _flag(general.get("enabled", False), "enabled", problems)
     opts.model = str(general.get("model") or TRAINING_FREE)
     opts.strength = _number(general.get("strength"), "strength", problems, low=0.0, high=3.0, optional=True)
     opts.start = _number(general.get("start", 0.0), "start", problems, low=0.0, high=1.0) or 0.0
@@ -140,6 +141,23 @@ def _box(value: Any, where: str, problems: list[str]) -> tuple[float, float, flo
     return x0, y0, x1, y1
 
 
+_FLAGS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _flag(value: Any, name: str, problems: list[str]) -> bool:
+    """A boolean from the UI or JSON; strings are read strictly, since bool("false") is True.
+
+    An unreadable value is a problem and enables dressing, so the message is shown (not ignored).
+    """
+    if value is None or isinstance(value, bool) or (isinstance(value, int | float) and value in (0, 1)):
+        return bool(value)
+    flag = _FLAGS.get(str(value).strip().lower())
+    if flag is None:
+        problems.append(f"{name} must be true or false, not {value!r}")
+        return True
+    return flag
+
+
 def _number(value: Any, name: str, problems: list[str], *, low: float, high: float, optional: bool = False):
     if value is None or value == "":
         if not optional:
@@ -163,7 +181,8 @@ def from_script_args(args: Sequence[Any], n_slots: int) -> DressingOptions:
     names = script_arg_names(n_slots)
     values = dict(zip(names, args, strict=False))  # API callers may pass fewer values: defaults follow
     general = {k: values[k] for k in GENERAL_FIELDS if values.get(k) is not None}
-    if not values.get("garment_guidance_enabled"):
+    problems: list[str] = []
+    if not _flag(values.get("garment_guidance_enabled"), "garment guidance enabled", problems):
         general.pop("garment_guidance", None)
     slots = []
     for i in range(n_slots):
@@ -171,7 +190,9 @@ def from_script_args(args: Sequence[Any], n_slots: int) -> DressingOptions:
         box = [values.get(f"slot{i}_box_{c}") for c in ("x0", "y0", "x1", "y1")]
         slot["box"] = box if slot.get("region") == "box" else None
         slots.append(slot)
-    return from_values(general, slots)
+    opts = from_values(general, slots)
+    opts.problems += problems
+    return opts
 
 
 def script_arg_names(n_slots: int) -> list[str]:
