@@ -288,12 +288,15 @@ def test_segment_route_over_http(tiny_sam_file):
     assert (mask & truth).sum() / (mask | truth).sum() >= 0.9
     sam = client.post(ROUTE, json={"image": photo, "points": [[60, 50]], "model": "tiny_sam.pth"}).json()
     assert sam["engine"].startswith("SAM custom") and len(sam["scores"]) == 3
+    outside = f"outside the {image.shape[1]}x{image.shape[0]} image"
     for bad, message in (
         ({"box": [1, 2, 3, 4]}, "'image'"),
         ({"image": "%%%", "box": [1, 2, 3, 4]}, "not valid base64"),
         ({"image": photo}, "give 'points' or a 'box'"),
         ({"image": photo, "points": [[1, 2]], "labels": [3]}, "one label"),
         ({"image": photo, "box": [5, 5, 1, 1]}, "x0 < x1"),
+        ({"image": photo, "points": [[60, 50], [5000, 5000]], "labels": [1, 0]}, f"point (5000, 5000) is {outside}"),
+        ({"image": photo, "points": [[128, 50]]}, f"point (128, 50) is {outside}"),  # x runs 0..127
         ({"image": photo, "box": [0, 0, 9, 9], "model": "vit_h.pth"}, "no SAM model 'vit_h.pth'"),
     ):
         response = client.post(ROUTE, json=bad)

@@ -34,6 +34,10 @@ def segment_request(data: dict[str, Any], segmenter: Segmenter, sam_dirs: Callab
         raise ValueError("'box' must be [x0, y0, x1, y1] in pixels with x0 < x1 and y0 < y1")
     if not points and box is None:
         raise ValueError("give 'points' or a 'box'")
+    height, width = image.shape[:2]
+    for x, y in points:  # the segmenters would answer an empty mask
+        if not (0 <= x < width and 0 <= y < height):
+            raise ValueError(f"point ({x:g}, {y:g}) is outside the {width}x{height} image")
     model = data.get("model") or GRABCUT
     try:
         files = find_sam_files(sam_dirs())
