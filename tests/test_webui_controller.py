@@ -301,6 +301,7 @@ def test_positional_script_args_as_the_ui_sends_them():
     "case, expected",
     [
         ("bad_option", "garment 1: category 'scarf'"),
+        ("bad_base64", "garment 1: the image is not valid base64"),
         ("no_garment", "no garment image was given"),
         ("missing_model", "no AnyDressing model 'gone'"),
         ("sdxl_model", "is for sdxl, but the loaded model is sd15"),
@@ -314,6 +315,8 @@ def test_bad_input_gets_a_message_and_leaves_the_model_untouched(setup, tmp_path
     opts = _opts()
     if case == "bad_option":
         opts = from_api({"enabled": True, "garments": [{"image": _garments()[1]["image"], "category": "scarf"}]})
+    elif case == "bad_base64":
+        opts = from_api({"enabled": True, "garments": [{"image": "not/base64!", "category": "upper"}]})
     elif case == "no_garment":
         opts = from_api({"enabled": True, "garments": [{"image": None}]})
     elif case == "missing_model":
@@ -330,8 +333,36 @@ def test_bad_input_gets_a_message_and_leaves_the_model_untouched(setup, tmp_path
     start(controller, p, opts)
     comments = " | ".join(p.comments)
     assert expected in comments and "generating without dressing" in comments
-    assert controller.session is None and not p.extra_generation_params
+    assert controller.session is None and list(p.extra_generation_params) == ["AnyDressing problems"]
+    params = _a1111_infotext_round_trip(p.extra_generation_params)  # what an API client finds in `info`
+    assert params["Steps"] == "20" and params["Sampler"] == "Euler a"  # the entries after it still parse
+    assert (
+        expected in params["AnyDressing problems"] and "generating without dressing" in params["AnyDressing problems"]
+    )
+    assert pasted(params, n_slots=4) == {}  # pasting that image's parameters leaves AnyDressing alone
     _clean(unet, before)
+    if case == "bad_base64":  # the next generation (an X/Y/Z cell shares the dict) drops the entry
+        start(controller, p, _opts())
+        assert "AnyDressing problems" not in p.extra_generation_params
+        assert "AnyDressing model" in p.extra_generation_params
+        controller.finish(unet)
+
+
+def _a1111_infotext_round_trip(extra: dict[str, str]) -> dict[str, str]:
+    """A1111 1.10.1's last infotext line (processing.create_infotext, infotext_utils.quote) parsed back
+    as its parse_generation_parameters does (re_param, unquote), restated here."""
+    import json
+    import re
+
+    def quote(text: str) -> str:
+        return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",\n:") else text
+
+    params = {"Steps": 20, **extra, "Sampler": "Euler a", "Seed": 1}
+    line = ", ".join(f"{k}: {quote(str(v))}" for k, v in params.items())
+    parsed = {}
+    for key, value in re.findall(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)', line):
+        parsed[key] = json.loads(value) if len(value) > 1 and value[0] == value[-1] == '"' else value
+    return parsed
 
 
 def test_checkpoint_model_from_the_models_folder(setup, tmp_path):

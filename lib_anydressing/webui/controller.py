@@ -32,7 +32,7 @@ from ..images import ImageInputError
 from ..model_files import TRAINING_FREE, resolve_model, short_hash
 from . import forge
 from .forge import is_forge, unet_of
-from .infotext import PREFIX, infotext
+from .infotext import PREFIX, PROBLEMS, infotext
 
 
 class WebUIEnv(Protocol):
@@ -75,19 +75,21 @@ class Controller:
         """
         unet = unet_of(p)
         self.finish(unet)
+        for key in [k for k in p.extra_generation_params if k.startswith(PREFIX)]:
+            del p.extra_generation_params[key]  # X/Y/Z cells share the dict: the previous cell's entries
         if not opts.enabled:
             return
         for problem in opts.problems:
-            p.comment(f"{PREFIX}: {problem}")
+            _problem(p, f"{PREFIX}: {problem}")
         if opts.problems:
-            p.comment(f"{PREFIX}: generating without dressing")
+            _problem(p, f"{PREFIX}: generating without dressing")
             return
         if not opts.slots:
-            p.comment(f"{PREFIX} is on but no garment image was given: generating without dressing")
+            _problem(p, f"{PREFIX} is on but no garment image was given: generating without dressing")
             return
         refusal = self.env.refusal(p)
         if refusal:
-            p.comment(f"{PREFIX}: {refusal}: generating without dressing")
+            _problem(p, f"{PREFIX}: {refusal}: generating without dressing")
             return
         try:
             model, model_key, label = self._load(opts.model, p)
@@ -185,9 +187,9 @@ class Controller:
         self.finish(unet)
         expected = (CheckpointError, FileNotFoundError, ImageInputError, ValueError, RuntimeError)
         if isinstance(error, expected):
-            p.comment(f"{PREFIX}: {error}: generating without dressing")
+            _problem(p, f"{PREFIX}: {error}: generating without dressing")
         else:
-            p.comment(f"{PREFIX}: unexpected {type(error).__name__}: {error}: generating without dressing")
+            _problem(p, f"{PREFIX}: unexpected {type(error).__name__}: {error}: generating without dressing")
             traceback.print_exception(error)
 
     def on_cfg_denoiser(self, params: Any) -> None:
@@ -256,6 +258,15 @@ class _Pending:
     model_key: str
     label: str
     networks: str | None = None  # the LoRA set the installed features were extracted with
+
+
+def _problem(p: Any, comment: str) -> None:
+    """A comment under the image in the UI, and an infotext entry: A1111 1.10's API answer (`info`)
+    carries the infotext and extra_generation_params but not the comments."""
+    p.comment(comment)
+    text = comment.removeprefix(f"{PREFIX}: ")
+    earlier = p.extra_generation_params.get(PROBLEMS)
+    p.extra_generation_params[PROBLEMS] = f"{earlier}; {text}" if earlier else text
 
 
 def _networks_key(p: Any) -> str:

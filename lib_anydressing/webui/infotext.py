@@ -7,6 +7,7 @@ from ..generation.prepare import image_digest
 from ..model_files import TRAINING_FREE
 
 PREFIX = "AnyDressing"
+PROBLEMS = f"{PREFIX} problems"  # why a generation went on without dressing; not pasted back
 
 
 def infotext(opts: DressingOptions, model_label: str, strength: float) -> dict[str, str]:
