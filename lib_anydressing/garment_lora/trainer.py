@@ -34,6 +34,7 @@ from torch import Tensor
 from ..images import ImageInputError, garment_tensor, tensor_to_image
 from ..sampling import ddim_sample
 from ..sd_checkpoint import StableDiffusion
+from ..training.losses import diffusion_target, predicted_noise
 from .captions import read_captions, ss_tag_frequency
 from .kohya_lora import KohyaLoRA
 from .memory import training_patches
@@ -309,7 +310,7 @@ class _Run:
         timesteps = torch.randint(0, len(model.alphas_cumprod), (len(batch),), generator=gen)
         abar = model.alphas_cumprod[timesteps].to(self.device, torch.float32).view(-1, 1, 1, 1)
         noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
-        target = noise if model.prediction == "eps" else abar.sqrt() * noise - (1 - abar).sqrt() * latents
+        target = diffusion_target(latents, noise, abar, model.prediction)
         with self._autocast():
             if self.contexts is not None:
                 context = torch.stack([self.contexts[i] for i in batch]).to(self.device)
@@ -476,10 +477,7 @@ class _Run:
 
             def eps(x: Tensor, t: Tensor) -> Tensor:
                 out = model.unet(x.to(self._unet_dtype()), t, context=context).float()
-                if model.prediction == "v":  # eps = sqrt(abar) v + sqrt(1 - abar) x_t
-                    a = abar[t.long()].view(-1, 1, 1, 1)
-                    out = a.sqrt() * out + (1 - a).sqrt() * x
-                return out
+                return predicted_noise(out, x, abar[t.long()], model.prediction)
 
             latents = ddim_sample(eps, noise, steps=config.sample_steps, guidance=7.0)
             image = model.decode_latents(latents)[0].float()
