@@ -27,6 +27,7 @@ BG_KEEP = "keep the whole photo"
 BG_SEGMENT = "remove: SAM (largest object) when a SAM model is chosen, else GrabCut"
 BG_REMBG = "remove: rembg"
 NUMBERED = re.compile(r"^(\d+)$")
+MIN_SIDE = 64  # px: smaller photos upscaled to the training size would teach blur (import and trainer refuse them)
 
 
 def background_choices() -> list[str]:
@@ -40,7 +41,7 @@ class ImportOptions:
     background: str = BG_SEGMENT
     margin: float = 0.05  # around the garment's bounding box, as a fraction of its long side
     square: bool = True  # False: keep the aspect ratio (sides padded to multiples of 64, for buckets)
-    min_side: int = 64  # smaller photos are refused: upscaled that far they teach blur
+    min_side: int = MIN_SIDE
 
 
 @dataclass

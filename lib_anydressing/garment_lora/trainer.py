@@ -36,6 +36,7 @@ from ..sampling import ddim_sample
 from ..sd_checkpoint import StableDiffusion
 from ..training.losses import diffusion_target, predicted_noise
 from .captions import read_captions, ss_tag_frequency
+from .dataset import MIN_SIDE
 from .kohya_lora import KohyaLoRA
 from .memory import training_patches
 
@@ -61,7 +62,6 @@ RESUME_KEYS = (
     "cache_latents",
     "masked_loss",
 )
-MIN_SIDE = 64  # smaller photos upscaled to the training size would teach blur
 
 # Settings by GPU memory, for SD1.5 at 512x512 (the rest of TrainConfig keeps its defaults).
 PRESETS: dict[str, dict[str, object]] = {
