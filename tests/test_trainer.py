@@ -192,6 +192,30 @@ def test_resume_continues_bit_exactly(tmp_path):
     ]
 
 
+def test_resume_into_fp16_loss_scaling(tmp_path, monkeypatch):
+    """A state saved without fp16 (an empty scaler state) resumed by an fp16 run: the loss scale starts afresh;
+    an unreadable scaler state is a TrainingError, not torch's raw error."""
+    first = _trainer(tmp_path, save_every=1)
+    first.train(steps=1)
+    # The enabled GradScaler fp16 gets on CUDA (CPU-only torch would disable it on construction).
+    monkeypatch.setattr(torch.cuda.amp.grad_scaler, "amp_definitely_not_available", lambda: False)
+    said = []
+    resumed = _trainer(tmp_path)
+    resumed.say = said.append
+    resumed.scaler = torch.cuda.amp.GradScaler()
+    resumed.resume("latest")
+    assert resumed.step == 1 and resumed.scaler.is_enabled()
+    assert resumed.scaler.state_dict()["scale"] == 2.0**16  # torch's initial loss scale
+    assert any("loss scale" in line for line in said)
+    state = torch.load(tmp_path / "state" / "state.pt", weights_only=True)
+    state["scaler"] = {"scale": 1024.0}  # no growth settings
+    torch.save(state, tmp_path / "state" / "state.pt")
+    broken = _trainer(tmp_path)
+    broken.scaler = torch.cuda.amp.GradScaler()
+    with pytest.raises(TrainingError, match="cannot be loaded"):
+        broken.resume("latest")
+
+
 def test_non_finite_loss_stops_before_touching_the_weights(tmp_path):
     bad = _item(3)
     bad["person"][0, 0, 0] = float("nan")

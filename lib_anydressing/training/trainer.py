@@ -455,9 +455,13 @@ class AnyDressingTrainer:
             generator = torch.load(folder / f"generator_rank{self.rank}.pt", weights_only=True)
             self.trainable.load_state_dict(weights, strict=True)
             self.optimizer.load_state_dict(state["optimizer"])
-        except (OSError, RuntimeError, KeyError, ValueError) as e:
+            fresh_scaler = self.scaler.is_enabled() and not state["scaler"]
+            if not fresh_scaler:
+                self.scaler.load_state_dict(state["scaler"])
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
             raise TrainingError(f"resume: '{folder}' cannot be loaded: {e}") from e
-        self.scaler.load_state_dict(state["scaler"])
+        if fresh_scaler:  # saved with bf16 or fp32, which keep no loss scale: fp16 finds its own in a few steps
+            self.say("resume: the state has no fp16 loss scale (saved without fp16); starting it afresh")
         self.generator.set_state(generator)
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] and torch.cuda.is_available():
