@@ -36,7 +36,7 @@ def _item(seed: int, n: int = 2) -> dict:
 ITEMS = [_item(0), _item(1), _item(2)]
 
 
-def _trainer(tmp_path, sd=None, items=ITEMS, **overrides) -> AnyDressingTrainer:
+def _trainer(tmp_path, sd=None, items=ITEMS, dists=None, **overrides) -> AnyDressingTrainer:
     settings = {
         "size": [SIZE, SIZE],
         "garment_size": [SIZE, SIZE],
@@ -48,7 +48,8 @@ def _trainer(tmp_path, sd=None, items=ITEMS, **overrides) -> AnyDressingTrainer:
         "device": "cpu",
         **overrides,
     }
-    return AnyDressingTrainer(TrainConfig(**settings), sd or tiny_stable_diffusion(0), items, say=lambda _: None)
+    sd = sd or tiny_stable_diffusion(0)
+    return AnyDressingTrainer(TrainConfig(**settings), sd, items, dists=dists, say=lambda _: None)
 
 
 def _frozen_copy(sd) -> dict[str, dict[str, torch.Tensor]]:
@@ -139,6 +140,19 @@ def test_gtl_only_for_timesteps_up_to_eta(tmp_path):
         assert [float(r["hf"]) > 0 for r in rows] == [expect] * 3
         assert [int(r["texture_samples"]) for r in rows] == [int(expect)] * 3
         assert calls == ([1] * 3 if expect else [])
+
+
+def test_loss_perc_off_ignores_a_given_dists(tmp_path):
+    from torchvision.models.vgg import cfgs, make_layers
+
+    from lib_anydressing.training.dists import DISTS
+
+    torch.manual_seed(0)
+    dists = DISTS({f"features.{k}": v for k, v in make_layers(cfgs["D"]).state_dict().items()})
+    for perc in (True, False):
+        _trainer(tmp_path / str(perc), dists=dists, uncond_dropout=0.0, eta=1000, loss_perc=perc).train(steps=1)
+        row = _log(tmp_path / str(perc))[0]
+        assert float(row["hf"]) > 0 and (float(row["perc"]) > 0) == perc, row
 
 
 def test_saved_checkpoint_loads_in_the_engine_and_changes_dressed_outputs(tmp_path):

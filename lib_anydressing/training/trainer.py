@@ -125,7 +125,7 @@ class AnyDressingTrainer:
         self.losses = LossSwitches(
             cfg.loss_ldm, cfg.loss_loc, cfg.loss_perc, cfg.loss_hf, cfg.lambda_loc, cfg.lambda_texture, cfg.eta
         )
-        self.dists = dists if dists is not None else self._load_dists()
+        self.dists = self._dists(dists)
         if self.dists is not None:
             self.dists.to(self.device)
         self.dataset = dataset
@@ -136,9 +136,12 @@ class AnyDressingTrainer:
 
     # --- setup ------------------------------------------------------------------------------------
 
-    def _load_dists(self) -> DISTS | None:
+    def _dists(self, given: DISTS | None) -> DISTS | None:
+        """The DISTS of L_perc: None when the term is off (even if one is given), else `given` or the config's."""
         if not self.cfg.loss_perc:
             return None
+        if given is not None:
+            return given
         if not self.cfg.vgg16_weights:
             self.say("no vgg16_weights in the config: DISTS cannot run, training without L_perc (GTL keeps L_hf)")
             return None
