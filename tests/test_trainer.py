@@ -11,6 +11,7 @@ from lib_anydressing.engine import Dresser, load_checkpoint
 from lib_anydressing.sd_checkpoint import tiny_stable_diffusion
 from lib_anydressing.training import cli
 from lib_anydressing.training.config import ConfigError, TrainConfig
+from lib_anydressing.training.losses import canny_edges
 from lib_anydressing.training.trainer import AnyDressingTrainer, TrainingError
 
 SIZE = 64  # 64x64 images -> 8x8 latents: every UNet level has a token grid
@@ -27,6 +28,7 @@ def _item(seed: int, n: int = 2) -> dict:
         "person": person,
         "garments": torch.rand(n, 3, SIZE, SIZE, generator=gen) * 2 - 1,
         "masks": masks,
+        "edges": canny_edges(person[None])[0, 0],
         "slots": torch.arange(n),
         "caption": "a shirt",
         "id": f"s{seed}",
@@ -241,6 +243,27 @@ def test_non_finite_loss_stops_before_touching_the_weights(tmp_path):
     assert trainer.step == 0 and all(torch.equal(before[k], after[k]) for k in before)
     assert not (tmp_path / "state").exists()
     assert not any("forward" in m.__dict__ for m in trainer.sd.unet.modules())
+
+
+def test_hf_uses_the_items_edge_map_and_captions_are_encoded_once(tmp_path, monkeypatch):
+    from lib_anydressing.training import trainer as trainer_module
+
+    sd = tiny_stable_diffusion(0)
+    encoded = []
+    encode = sd.encode_text
+    sd.encode_text = lambda prompts: encoded.append(prompts[0]) or encode(prompts)
+    no_edges = [{**item, "edges": torch.zeros(SIZE, SIZE)} for item in ITEMS]
+    trainer = _trainer(tmp_path, sd, no_edges, uncond_dropout=0.0, caption_dropout=0.0, eta=1000, loss_perc=False)
+    trainer.train(steps=3)
+    rows = _log(tmp_path)
+    assert [int(r["texture_samples"]) for r in rows] == [1] * 3 and all(float(r["hf"]) == 0 for r in rows)
+    assert encoded == ["a shirt"]  # three steps, one caption: encoded once
+    want = encode(["a shirt"])
+    assert torch.equal(trainer._text("a shirt"), want)
+    monkeypatch.setattr(trainer_module, "TEXT_CACHE", 2)  # bounded: the least recently used caption goes
+    for caption in ("a", "a shirt", "b", "a shirt", "a"):
+        trainer._text(caption)
+    assert encoded == ["a shirt", "a", "b", "a"]  # "b" pushed out "a", the older of the two
 
 
 def test_train_command_from_a_single_file_checkpoint_and_a_manifest(tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -50,6 +51,10 @@ def test_synthetic_set_has_the_contract_shapes_and_ranges(manifest):
     for k, g in enumerate(row["garments"]):
         mask = np.asarray(Image.open(root / g["mask"])) > 127
         assert torch.equal(s["masks"][k].bool(), torch.from_numpy(mask))
+    # GTL's edge map, once per sample: OpenCV's Canny (100, 200) of the 8-bit grey person photo
+    grey = cv2.cvtColor(np.asarray(Image.open(root / row["person"]).convert("RGB")), cv2.COLOR_RGB2GRAY)
+    edges = torch.from_numpy(cv2.Canny(grey, 100, 200) > 0).float()
+    assert s["edges"].shape == SIZE and edges.sum() > 0 and torch.equal(s["edges"], edges)
     # garments are fitted keeping their aspect: a garment taller than wide leaves white columns at the sides
     flat = Image.open(root / row["garments"][1]["image"])
     assert flat.height > flat.width

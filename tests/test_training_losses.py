@@ -55,9 +55,10 @@ def test_localization_loss_matches_the_formula():
     latent_hw = (4, 6)
     n = 2
     masks = (torch.rand(2, n, 32, 48, generator=_gen(3)) > 0.5).float()  # image frame: 8x the latent
-    mass = {  # (B, T, N) at two token grids: 4x6 and 2x3
+    mass = {  # (B, T, N) at two token grids: 4x6 (twice, as layers of one UNet level share a grid) and 2x3
         "a": torch.rand(2, 24, n, generator=_gen(4)).softmax(-1),
         "b": torch.rand(2, 6, n, generator=_gen(5)).softmax(-1),
+        "c": torch.rand(2, 24, n, generator=_gen(20)).softmax(-1),
     }
     got = losses.localization_loss(mass, masks, latent_hw)
 
@@ -66,7 +67,7 @@ def test_localization_loss_matches_the_formula():
         return m.reshape(b, k, h, hh // h, w, ww // w).mean((3, 5))
 
     want = 0.0
-    for a, (h, w) in ((mass["a"], (4, 6)), (mass["b"], (2, 3))):
+    for a, (h, w) in ((mass["a"], (4, 6)), (mass["b"], (2, 3)), (mass["c"], (4, 6))):
         m = block_mean(masks, h, w)
         for b in range(2):
             per_garment = [((a[b, :, k] - m[b, k].flatten()) ** 2).sum() for k in range(n)]
@@ -243,7 +244,8 @@ def test_texture_loss_only_for_samples_at_or_below_eta():
     target = torch.rand(3, 3, 8, 8, generator=_gen(19)) * 2 - 1
     target[:, :, :, 4:] = 1  # an edge for Canny
     masks = torch.ones(3, 1, 8, 8)
-    perc, hf = losses.texture_loss(decode, z_t, eps, abar, t, target, masks, eta=350, hf=True)
+    edges = losses.canny_edges(target)[:, 0]
+    perc, hf = losses.texture_loss(decode, z_t, eps, abar, t, target, masks, edges, eta=350, hf=True)
     assert decoded_rows == [2] and perc.item() == 0  # rows 0 and 2 decoded; no DISTS given
     want = 0.0
     for b in (0, 2):
@@ -255,5 +257,5 @@ def test_texture_loss_only_for_samples_at_or_below_eta():
         want += float(((((image + 1) / 2) * edge - ((target[b] + 1) / 2) * edge) ** 2).sum())
     assert hf.item() == pytest.approx(want / 3, rel=1e-5)  # the batch mean counts the t > eta row as 0
     decoded_rows.clear()
-    none = losses.texture_loss(decode, z_t, eps, abar, torch.tensor([351, 999, 400]), target, masks, eta=350)
+    none = losses.texture_loss(decode, z_t, eps, abar, torch.tensor([351, 999, 400]), target, masks, edges, eta=350)
     assert decoded_rows == [] and all(v.item() == 0 for v in none)

@@ -25,6 +25,7 @@ from ..engine.sd_unet import SD15_UNET, build_unet, reinitialise
 from ..sd_checkpoint import TINY_VAE, StableDiffusion, tiny_clip_tokenizer
 from .config import MIXED_PRECISION, TrainConfig
 from .dists import DISTS
+from .losses import canny_edges
 from .trainer import AnyDressingTrainer
 
 
@@ -90,10 +91,12 @@ def synthetic_item(size: tuple[int, int], garment_size: tuple[int, int], n_garme
     masks = torch.zeros(n_garments, h, w)
     for k in range(n_garments):
         masks[k, k * h // n_garments : (k + 1) * h // n_garments] = 1
+    person = torch.rand(3, h, w, generator=gen) * 2 - 1
     return {
-        "person": torch.rand(3, h, w, generator=gen) * 2 - 1,
+        "person": person,
         "garments": torch.rand(n_garments, 3, *garment_size, generator=gen) * 2 - 1,
         "masks": masks,
+        "edges": canny_edges(person[None])[0, 0],
         "slots": torch.arange(n_garments),
         "caption": "a shirt and a dress",
         "id": "bench",

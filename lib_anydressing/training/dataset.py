@@ -41,6 +41,7 @@ from torch.utils.data import Dataset
 
 from ..generation.options import CATEGORIES
 from ..images import ImageInputError, garment_tensor, to_rgb_and_mask
+from .losses import canny_edges
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +175,9 @@ class DressingDataset(Dataset):
 
     Each item: "person" (3, H, W) in [-1, 1]; "garments" (N, 3, h, w) in [-1, 1] (each garment fitted
     into the garment canvas keeping its aspect, padded white); "masks" (N, H, W) in {0, 1} (garment k's
-    region in the person image, cropped and scaled like the person); "slots" (N,) long (index of the
-    garment's category in `slot_names`); "caption" str; "id" str. Sizes are (height, width).
+    region in the person image, cropped and scaled like the person); "edges" (H, W) in {0, 1} (the person's
+    Canny edges, GTL's fixed M'_k factor: computed once here, not at every step); "slots" (N,) long (index of
+    the garment's category in `slot_names`); "caption" str; "id" str. Sizes are (height, width).
     """
 
     def __init__(
@@ -260,6 +262,7 @@ class DressingDataset(Dataset):
             "person": x.contiguous(),
             "garments": torch.stack(garments),
             "masks": torch.stack(masks),
+            "edges": canny_edges(x[None])[0, 0],
             "slots": torch.tensor([self.slot_names.index(g.category) for g in entry.garments], dtype=torch.long),
             "caption": entry.caption,
             "id": entry.id,

@@ -12,7 +12,8 @@ loss is the mean of its samples' losses.
 - L_texture (GTL), only for samples with t <= eta, 0 for the others: the one-step estimate
   z0_hat = (z_t - sqrt(1 - abar_t) eps) / sqrt(abar_t) decoded by the VAE to I_hat, then
   L_perc = (1/N) sum_k DISTS(I_hat M_k, I M_k) and L_hf = (1/N) sum_k ||I_hat M'_k - I M'_k||^2 with
-  M'_k = M_k Canny(I). Images are compared in [0, 1] (outside a mask: black).
+  M'_k = M_k Canny(I). Images are compared in [0, 1] (outside a mask: black). Canny(I) is fixed per
+  sample: the dataset computes it once, on the full-precision target (item "edges").
 """
 
 from __future__ import annotations
@@ -77,10 +78,12 @@ def localization_loss(attention_mass: Mapping[str, Tensor], masks: Tensor, laten
     if not attention_mass:
         raise ValueError("no attention mass recorded: was the Dresser built with record_attention_mass=True?")
     total = masks.new_zeros((), dtype=torch.float32)
+    per_grid: dict[tuple[int, int], Tensor] = {}  # 16 layers share ~4 token grids: one resize each
     for mass in attention_mass.values():
         grid = token_grid(mass.shape[1], latent_hw)
-        m = F.interpolate(masks.float(), size=grid, mode="area").flatten(2).transpose(1, 2)  # (B, T, N)
-        total = total + ((mass.float() - m) ** 2).sum(1).mean(1).mean(0)
+        if grid not in per_grid:
+            per_grid[grid] = F.interpolate(masks.float(), size=grid, mode="area").flatten(2).transpose(1, 2)
+        total = total + ((mass.float() - per_grid[grid]) ** 2).sum(1).mean(1).mean(0)  # m: (B, T, N)
     return total
 
 
@@ -126,6 +129,7 @@ def texture_loss(
     t: Tensor,
     target: Tensor,
     masks: Tensor,
+    edges: Tensor | None = None,
     *,
     eta: int,
     dists: Callable[[Tensor, Tensor], Tensor] | None = None,
@@ -133,17 +137,20 @@ def texture_loss(
 ) -> tuple[Tensor, Tensor]:
     """(L_perc, L_hf) as batch means, 0 for samples with t > eta; only the samples with t <= eta are decoded.
 
-    decode: scaled latents -> images in [-1, 1] (the VAE); target: (B, 3, H, W) in [-1, 1].
+    decode: scaled latents -> images in [-1, 1] (the VAE); target: (B, 3, H, W) in [-1, 1]; edges: (B, H, W)
+    the target's `canny_edges`, needed for L_hf.
     """
     zero = z_t.new_zeros((), dtype=torch.float32)
     keep = (t <= eta).nonzero().flatten()
     if keep.numel() == 0 or (dists is None and not hf):
         return zero, zero
+    if hf and edges is None:
+        raise ValueError("L_hf needs the target's Canny edges")
     decoded = decode(predicted_x0(z_t[keep], eps[keep], abar_t[keep]))
     image, m = target[keep].to(decoded.dtype), masks[keep]
     batch = z_t.shape[0]
     perc = perceptual_loss(decoded, image, m, dists).sum() / batch if dists is not None else zero
-    high = high_frequency_loss(decoded, image, m, canny_edges(image)).sum() / batch if hf else zero
+    high = high_frequency_loss(decoded, image, m, edges[keep, None].to(m)).sum() / batch if hf else zero
     return perc, high
 
 

@@ -18,6 +18,7 @@ import csv
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,7 @@ from .losses import (
 log = logging.getLogger(__name__)
 LOG_COLUMNS = ("step", "loss", "ldm", "loc", "perc", "hf", "texture_samples", "seconds")
 STATE_DIR = "state"
+TEXT_CACHE = 1024  # caption embeddings kept: 77 x 768 floats each, ~240 MB in fp32 at most
 
 
 class TrainingError(RuntimeError):
@@ -132,7 +134,7 @@ class AnyDressingTrainer:
         self.generator = torch.Generator().manual_seed(cfg.seed + 1_000_003 * self.rank)  # own draws per process
         self.step = 0
         self.output = Path(cfg.output_dir)
-        self._empty_context: Tensor | None = None
+        self._contexts: OrderedDict[str, Tensor] = OrderedDict()  # caption -> embedding (`_text`)
 
     # --- setup ------------------------------------------------------------------------------------
 
@@ -179,7 +181,7 @@ class AnyDressingTrainer:
         z_t = abar.sqrt().view(-1, 1, 1, 1) * z0 + (1 - abar).sqrt().view(-1, 1, 1, 1) * noise
         t_dev = t.to(dev)
         with torch.no_grad(), self._autocast():
-            context = self._text([""] if drop_text else [item["caption"]])
+            context = self._text("" if drop_text else item["caption"])
         zero = torch.zeros((), device=dev)
         with self._autocast(), contextlib.ExitStack() as stack:
             dresser = None
@@ -210,6 +212,7 @@ class AnyDressingTrainer:
                     t_dev,
                     person,
                     masks,
+                    item["edges"][None].to(dev),
                     eta=self.losses.eta,
                     dists=self.dists,
                     hf=self.losses.hf,
@@ -231,12 +234,16 @@ class AnyDressingTrainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _text(self, prompts: list[str]) -> Tensor:
-        if prompts == [""]:
-            if self._empty_context is None:
-                self._empty_context = self.sd.encode_text([""])
-            return self._empty_context
-        return self.sd.encode_text(prompts)
+    def _text(self, caption: str) -> Tensor:
+        """The frozen text encoder's (1, 77, D) embedding, kept for the last TEXT_CACHE captions (an epoch
+        repeats every caption, and caption dropout the empty one at most steps)."""
+        if caption in self._contexts:
+            self._contexts.move_to_end(caption)
+            return self._contexts[caption]
+        context = self._contexts[caption] = self.sd.encode_text([caption])
+        if len(self._contexts) > TEXT_CACHE:
+            self._contexts.popitem(last=False)
+        return context
 
     def _features(self, latents: Tensor, slots: Tensor) -> GarmentFeatures:
         """GarmentsNet at t=0 with gradient; checkpointed as a whole (its patches live only inside extract)."""
@@ -499,7 +506,7 @@ class AnyDressingTrainer:
         with self._autocast():
             garments = self.sd.encode_images(item["garments"].to(self.device)).float()
             features = self.garments_net.extract(garments, slots=[int(s) for s in item["slots"]])
-            context = torch.cat([self.sd.encode_text([item["caption"]]), self._text([""])])
+            context = torch.cat([self._text(item["caption"]), self._text("")])
             gen = torch.Generator().manual_seed(self.cfg.seed)
             noise = torch.randn(1, 4, person.shape[-2] // 8, person.shape[-1] // 8, generator=gen).to(self.device)
             abar = self.sd.alphas_cumprod.to(self.device)
