@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lib_anydressing.training.dataset import DressingDataset, collate
+from lib_anydressing.training.dataset import DressingDataset
 from lib_anydressing.training.synthetic import make_synthetic_dataset
 
 SIZE = (64, 48)  # (height, width) of the synthetic people
@@ -157,25 +157,6 @@ def test_cmyk_16_bit_and_alpha_files_load_as_their_pixels(manifest):
     # the transparent border became white: the garment is the same picture with a white margin
     g = s["garments"][1]
     assert g.shape == original["garments"][1].shape and torch.all(g[:, 0, :] == 1)
-
-
-def test_collate_pads_varying_garment_counts(manifest):
-    rows = lines(manifest)
-    rows[1]["garments"] = rows[1]["garments"][:1]
-    write_lines(manifest, rows[:2])
-    ds = DressingDataset(manifest, size=SIZE, garment_size=(16, 16), slot_names=SLOTS)
-    a, b = ds[0], ds[1]
-    batch = collate([b, a])
-    assert batch["person"].shape == (2, 3, *SIZE)
-    assert batch["garments"].shape == (2, 2, 3, 16, 16) and batch["masks"].shape == (2, 2, *SIZE)
-    assert batch["present"].tolist() == [[True, False], [True, True]]
-    assert batch["slots"].tolist() == [[0, 0], [0, 1]]
-    assert torch.equal(batch["garments"][0, 0], b["garments"][0]) and torch.equal(batch["garments"][1], a["garments"])
-    assert torch.all(batch["garments"][0, 1] == 1) and torch.all(batch["masks"][0, 1] == 0)
-    assert torch.equal(batch["masks"][1], a["masks"]) and torch.equal(batch["person"][0], b["person"])
-    assert batch["caption"] == [b["caption"], a["caption"]] and batch["id"] == [b["id"], a["id"]]
-    loader = torch.utils.data.DataLoader(ds, batch_size=2, collate_fn=collate)
-    assert next(iter(loader))["present"].tolist() == [[True, True], [True, False]]
 
 
 def test_a_manifest_with_nothing_usable_says_why(tmp_path):

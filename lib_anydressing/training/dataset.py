@@ -267,32 +267,3 @@ class DressingDataset(Dataset):
             "caption": entry.caption,
             "id": entry.id,
         }
-
-
-def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Batch samples whose garment counts differ: garments are padded to the batch's largest N.
-
-    Returns "person" (B, 3, H, W); "garments" (B, N_max, 3, h, w), padding = white canvas (1.0);
-    "masks" (B, N_max, H, W), padding = 0; "slots" (B, N_max) long, padding = 0; "present" (B, N_max)
-    bool, True for real garments: padding entries are NOT garments and must be dropped or masked with
-    it (their slot 0 is only a placeholder); "caption" and "id" lists of B strings.
-    """
-    n_max = max(s["garments"].shape[0] for s in samples)
-    b = len(samples)
-    g0, m0 = samples[0]["garments"], samples[0]["masks"]
-    garments = torch.ones(b, n_max, *g0.shape[1:], dtype=g0.dtype)
-    masks = torch.zeros(b, n_max, *m0.shape[1:], dtype=m0.dtype)
-    slots = torch.zeros(b, n_max, dtype=torch.long)
-    present = torch.zeros(b, n_max, dtype=torch.bool)
-    for i, s in enumerate(samples):
-        n = s["garments"].shape[0]
-        garments[i, :n], masks[i, :n], slots[i, :n], present[i, :n] = s["garments"], s["masks"], s["slots"], True
-    return {
-        "person": torch.stack([s["person"] for s in samples]),
-        "garments": garments,
-        "masks": masks,
-        "slots": slots,
-        "present": present,
-        "caption": [s["caption"] for s in samples],
-        "id": [s["id"] for s in samples],
-    }
