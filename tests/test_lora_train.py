@@ -402,3 +402,31 @@ def test_resume_is_refused_when_a_setting_that_changes_the_run_differs(model, da
     _assert_untouched(model, before)
     resumed = train_lora(model, _config(dataset, tmp_path / "out", epochs=1))  # epochs may change
     assert resumed.status == "done" and resumed.step == 3
+
+
+@pytest.mark.parametrize(("encoder", "settings"), [("encode_images", {}), ("encode_text", {"cache_latents": False})])
+def test_stop_during_latent_caching_or_caption_encoding_interrupts_before_training(
+    model, dataset, tmp_path, monkeypatch, encoder, settings
+):
+    """Encoding the dataset before the first step can take minutes (and holds the WebUI's queue): the stop flag
+    ends it after the current image, with no step taken, nothing written and the model as found."""
+    before = _snapshot(model)
+    stop, calls, unet_calls = threading.Event(), [], []
+    original = getattr(model, encoder)
+
+    def encode_then_stop(*args, **kwargs):
+        calls.append(1)
+        stop.set()
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(model, encoder, encode_then_stop)
+    patch = ForwardPatch(model.unet, lambda inner: lambda *a, **k: unet_calls.append(1) or inner(*a, **k))
+    try:
+        result = train_lora(model, _config(dataset, tmp_path / "out", **settings), stop=stop)
+    finally:
+        patch.restore()
+    assert result.status == "interrupted" and "preparing" in result.message
+    assert result.step == 0 and result.output is None and result.last_checkpoint is None and result.losses == []
+    assert len(calls) == 1 and unet_calls == []  # 3 images: stopped after the first, before any UNet call
+    assert list((tmp_path / "out").iterdir()) == []
+    _assert_untouched(model, before)

@@ -10,11 +10,13 @@ The LoRA is patched onto the user's modules and comes off on every path (done, i
 exception); it is never merged, the base weights get no gradient and their requires_grad flags are
 restored as found. State is saved at each epoch end and on interrupt (`<name>-state.pt`: LoRA,
 optimizer, scaler, step, RNG), and a later call with `resume=True` continues exactly where it stopped.
+The stop flag is also read while the images and captions are encoded, before the first step.
 A NaN/inf loss stops the run before the bad update, keeping the last good checkpoint.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -252,13 +254,16 @@ class _Run:
         self.total = min(config.max_steps, epochs_steps) if config.max_steps else epochs_steps
         self.last_checkpoint: Path | None = None
         self.started = datetime.now(timezone.utc)
-        self.latents = self._cache_latents() if config.cache_latents else None
-        self.contexts = None if config.train_text_encoder else self._encode_captions()
+        self.latents: list[Tensor] | None = None  # cached by _prepare, with the contexts
+        self.contexts: list[Tensor] | None = None
         self.token_ids = model.tokenize([item.caption for item in items])
 
     # --- the loop ---------------------------------------------------------------------------------------
 
     def train(self) -> TrainResult:
+        if not self._prepare():
+            message = f"interrupted while preparing the data, before step {self.step + 1}; nothing new was saved"
+            return self._result("interrupted", message)
         accumulation = self.config.grad_accumulation
         timer, timed_steps = time.perf_counter(), 0
         while self.step < self.total:
@@ -441,16 +446,31 @@ class _Run:
             batches += [shuffled[k : k + size] for k in range(0, len(shuffled), size)]
         return [batches[j] for j in torch.randperm(len(batches), generator=gen).tolist()]
 
+    def _prepare(self) -> bool:
+        """Cache the latents and caption contexts the run reuses; False when stopped meanwhile (this can take
+        minutes, and in the WebUI the queue waits on it)."""
+        if self.config.cache_latents:
+            self.latents = self._cache_latents()
+        if not self.config.train_text_encoder:
+            self.contexts = self._encode_captions()
+        return not self.stop.is_set()
+
+    def _until_stopped(self) -> Iterator[_Item]:
+        return itertools.takewhile(lambda _: not self.stop.is_set(), self.items)
+
     @torch.no_grad()
     def _cache_latents(self) -> list[Tensor]:
         gen = torch.Generator().manual_seed(self.config.seed + 1)
         with self._autocast():
-            return [self.model.encode_images(item.pixels[None], generator=gen)[0].float().cpu() for item in self.items]
+            return [
+                self.model.encode_images(item.pixels[None], generator=gen)[0].float().cpu()
+                for item in self._until_stopped()
+            ]
 
     @torch.no_grad()
     def _encode_captions(self) -> list[Tensor]:
         with self._autocast():
-            return [self.model.encode_text([item.caption])[0].cpu() for item in self.items]
+            return [self.model.encode_text([item.caption])[0].cpu() for item in self._until_stopped()]
 
     # --- precision ------------------------------------------------------------------------------------------
 
