@@ -13,6 +13,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 MAX_PIXELS = 64_000_000  # refuse decompression bombs rather than exhausting memory
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # what a photo folder is read for
 
 
 class ImageInputError(ValueError):

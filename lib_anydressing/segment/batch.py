@@ -8,12 +8,10 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from ..images import ImageInputError
+from ..images import IMAGE_SUFFIXES, ImageInputError
 from . import mask_tools as mt
 from .segmenter import Segmenter, as_rgb_array
 from .session import MaskEdits, SegmentState
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 @dataclass

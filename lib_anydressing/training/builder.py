@@ -33,12 +33,11 @@ import numpy as np
 from PIL import Image
 
 from ..generation.options import CATEGORIES
-from ..images import ImageInputError, to_rgb_and_mask
+from ..images import IMAGE_SUFFIXES, ImageInputError, to_rgb_and_mask
 from ..segment.sam_models import SamModelError
 from ..segment.segmenter import Segmenter, as_rgb_array
 from .dataset import MIN_SIDE, SampleError, SkipReport, mask_array, open_image
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 MANIFEST = "manifest.jsonl"
 
 
