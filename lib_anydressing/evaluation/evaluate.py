@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from ..images import ImageInputError
-from ..training.dataset import SampleError, SkipReport, mask_array, open_image
+from ..training.dataset import SampleError, SkipReport, mask_array, open_image, read_manifest
 from .aesthetic import AestheticHead
 from .clip_models import ClipEncoder
 from .metrics import NAMES, SampleScores, mean_scores, score_sample
@@ -92,18 +92,6 @@ def parse_case(line: str, number: int, root: Path) -> EvalCase:
     )
 
 
-def read_cases(manifest: Path) -> list[tuple[str, EvalCase | SampleError]]:
-    out: list[tuple[str, EvalCase | SampleError]] = []
-    for number, line in enumerate(Path(manifest).read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        try:
-            out.append((str(number), parse_case(line, number, Path(manifest).parent)))
-        except SampleError as e:
-            out.append((f"line {number}", e))
-    return out
-
-
 def generated_path(case: EvalCase, folder: Path | None) -> Path:
     if folder is None:
         if case.image is None:
@@ -136,7 +124,7 @@ def evaluate(
     aesthetic_encoder: ClipEncoder | None = None,
 ) -> RunResult:
     result = RunResult(str(folder) if folder is not None else Path(manifest).name)
-    for line_id, case in read_cases(manifest):
+    for line_id, case in read_manifest(manifest, parse_case):
         result.report.total += 1
         try:
             if isinstance(case, SampleError):

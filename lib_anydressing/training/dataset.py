@@ -29,10 +29,10 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -46,6 +46,7 @@ from .losses import canny_edges
 log = logging.getLogger(__name__)
 
 MIN_SIDE = 8  # smaller images hold nothing to learn from once scaled up; they are skipped
+Entry = TypeVar("Entry")
 
 
 class SampleError(Exception):
@@ -152,14 +153,17 @@ def parse_line(line: str, number: int, root: Path) -> SampleEntry:
     return SampleEntry(str(data.get("id", number)), root / data["person"], caption, tuple(entries))
 
 
-def read_manifest(path: Path) -> list[tuple[str, SampleEntry | SampleError]]:
-    """Every sample line of a manifest, parsed or with the reason it cannot be."""
-    out: list[tuple[str, SampleEntry | SampleError]] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+def read_manifest(
+    path: Path, parse: Callable[[str, int, Path], Entry] = parse_line
+) -> list[tuple[str, Entry | SampleError]]:
+    """Every sample line of a JSONL manifest, parsed by `parse(line, number, folder)` (raising SampleError)
+    or with the reason it cannot be; blank and `#` lines skipped. The evaluation reads its cases with it too."""
+    out: list[tuple[str, Entry | SampleError]] = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         try:
-            out.append((str(number), parse_line(line, number, path.parent)))
+            out.append((str(number), parse(line, number, Path(path).parent)))
         except SampleError as e:
             out.append((f"line {number}", e))
     return out
