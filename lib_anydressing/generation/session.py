@@ -96,10 +96,10 @@ class DressingSession:
         )
         return self.prepared
 
-    def install(self, unet: nn.Module) -> None:
-        """Dressing-Attention on `unet`, with a pre-hook that marks each call's conditional rows."""
+    def make_dresser(self, unet: nn.Module) -> Dresser:
+        """This session's Dresser for `unet`, not installed: A1111 installs it on the modules, Forge
+        calls it from attn1 replace patches."""
         assert self.prepared is not None, "prepare() first"
-        remove_dressing(unet)
         if self.model.projections is not None:
             self.model.projections.to(self.device, self.dtype)
         self.dresser = Dresser(
@@ -109,7 +109,13 @@ class DressingSession:
             strength=self.strength,
             weights=self.prepared.weights,
             regions=self.prepared.regions,
-        ).install()
+        )
+        return self.dresser
+
+    def install(self, unet: nn.Module) -> None:
+        """Dressing-Attention on `unet`, with a pre-hook that marks each call's conditional rows."""
+        remove_dressing(unet)
+        self.make_dresser(unet).install()
         self._hook = unet.register_forward_pre_hook(self._mark_rows, with_kwargs=True)
 
     def on_step(self, step: int, total: int, n_cond: int) -> None:

@@ -120,7 +120,7 @@ class Controller:
         self._swaps.append((objects, objects.unet, clone))
         objects.unet = clone  # loaded (LoRAs merged) and extracted from as the patcher that will sample
         unet = clone.model.diffusion_model
-        if not self._dress(p, unet, lambda session: forge.attach_dresser(session, unet)):
+        if not self._dress(p, unet, lambda session: session.make_dresser(unet).prepare()):
             return
         try:  # _dress succeeded: the session and its Dresser are there
             forge.add_patches(clone, self.session.dresser)  # type: ignore[union-attr]

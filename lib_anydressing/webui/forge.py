@@ -17,7 +17,6 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..engine import Dresser
-from ..generation.session import DressingSession
 
 ForgeAttention = Callable[[Tensor, Tensor, Tensor, int], Tensor]  # backend.attention.attention_function(q, k, v, heads)
 ReplacePatch = Callable[[Tensor, Tensor, Tensor, dict], Tensor]
@@ -47,23 +46,6 @@ def forge_block(layer_name: str) -> tuple[str, int, int]:
         raise ValueError(f"not a UNet self-attention layer name: {layer_name}")
     number = 0 if parts[0] == "middle_block" else int(parts[1])
     return _GROUPS[parts[0]], number, int(parts[-1])
-
-
-def attach_dresser(session: DressingSession, unet: nn.Module) -> None:
-    """Give the session a Dresser with its garment K/V computed, without patching `unet`."""
-    prepared = session.prepared
-    assert prepared is not None, "prepare() the session first"
-    if session.model.projections is not None:
-        session.model.projections.to(session.device, session.dtype)
-    session.dresser = Dresser(
-        unet,
-        prepared.features,
-        session.model.projections,
-        strength=session.strength,
-        weights=prepared.weights,
-        regions=prepared.regions,
-    )
-    session.dresser.prepare()
 
 
 def add_patches(patcher: Any, dresser: Dresser, attention: ForgeAttention | None = None) -> None:
