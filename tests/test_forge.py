@@ -418,3 +418,18 @@ def test_models_without_a_unet_are_refused_on_forge(setup, monkeypatch):
     assert "is not a UNet" in env.A1111Env().refusal(p)
     p.sd_model.is_sd1 = True
     assert env.A1111Env().refusal(p) is None
+
+
+def test_joint_guidance_turns_the_cfg_result_into_magicclothings():
+    """The one formula both WebUIs use, against MagicClothing's u + w (text - g) + w_g (g - u) written out."""
+    from lib_anydressing.generation.garment_guidance import joint_guidance
+
+    gen = torch.Generator().manual_seed(3)
+    text, garments, uncond, keep = (torch.randn(2, 4, 3, 3, generator=gen) for _ in range(4))
+    keep = (keep > 0).float()  # inpainting's nmask: 1 where the image is generated
+    w, w_g = 7.0, 2.5
+    cfg = uncond + w * (text - uncond)  # what the WebUI's CFG computed
+    magicclothing = uncond + w * (text - garments) + w_g * (garments - uncond)
+    torch.testing.assert_close(joint_guidance(cfg, garments, uncond, w_g, w), magicclothing)
+    masked = joint_guidance(cfg, garments, uncond, w_g, w, keep)
+    torch.testing.assert_close(masked, keep * magicclothing + (1 - keep) * cfg)

@@ -16,6 +16,15 @@ import torch
 from torch import Tensor
 
 
+def joint_guidance(
+    denoised: Tensor, garments: Tensor, uncond: Tensor, scale: float, cfg_scale: float, keep: Tensor | None = None
+) -> Tensor:
+    """The WebUI's CFG result D = u + w (text - u) turned into u + w (text - g) + w_g (g - u):
+    D + (w_g - w) (g - u), only where the image is generated (`keep`, inpainting's nmask)."""
+    delta = (scale - cfg_scale) * (garments - uncond)
+    return denoised + (delta if keep is None else delta * keep)
+
+
 class GarmentGuidance:
     def __init__(self, scale: float) -> None:
         self.scale = scale
@@ -55,5 +64,4 @@ class GarmentGuidance:
         """In on_cfg_after_cfg: D + (w_g - w) (g - u), only where the image is generated (`keep` = nmask)."""
         if self._garments is None or self._uncond is None:
             return denoised
-        delta = (self.scale - cfg_scale) * (self._garments - self._uncond)
-        return denoised + (delta if keep is None else delta * keep)
+        return joint_guidance(denoised, self._garments, self._uncond, self.scale, cfg_scale, keep)

@@ -17,6 +17,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..engine import Dresser
+from ..generation.garment_guidance import joint_guidance
 
 ForgeAttention = Callable[[Tensor, Tensor, Tensor, int], Tensor]  # backend.attention.attention_function(q, k, v, heads)
 ReplacePatch = Callable[[Tensor, Tensor, Tensor, dict], Tensor]
@@ -81,7 +82,7 @@ def add_garment_guidance(patcher: Any, scale: float, cfg_scale: float) -> None:
         garments, _ = calc_cond_uncond_batch(
             args["model"], args["uncond"], None, args["input"], args["sigma"], args["model_options"]
         )
-        return args["denoised"] + (scale - cfg_scale) * (garments - uncond_pred)
+        return joint_guidance(args["denoised"], garments, uncond_pred, scale, cfg_scale)
 
     patcher.set_model_sampler_post_cfg_function(post_cfg)
 
