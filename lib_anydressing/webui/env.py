@@ -103,7 +103,11 @@ class A1111Env:
         from modules import devices
 
         x = images.to(devices.device, devices.dtype_vae)
-        return p.sd_model.get_first_stage_encoding(p.sd_model.encode_first_stage(x))
+        posterior = p.sd_model.encode_first_stage(x)
+        # The posterior's mode, not a sample: ldm samples it with the global, unseeded RNG, and the
+        # same garments must give the same features (and image) after a restart or a cache eviction.
+        z = posterior.mode() if hasattr(posterior, "mode") else posterior
+        return p.sd_model.get_first_stage_encoding(z)
 
     def empty_prompt(self, p: Any) -> Tensor | None:
         cond = p.sd_model.get_learned_conditioning([""])
