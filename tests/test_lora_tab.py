@@ -102,16 +102,24 @@ def test_start_trains_in_a_thread_and_reports_the_saved_file(tmp_path, dataset):
     assert again.startswith("⚠ Training stopped:") and "exists" in again, "no overwrite without the checkbox"
 
 
-def test_interrupt_then_start_again_resumes(tmp_path, dataset):
+def test_interrupt_then_start_again_resumes(tmp_path, dataset, monkeypatch):
+    from lib_anydressing.ui import lora_tab
+
     host, job = TinyHost(tmp_path / "Lora"), TrainingJob()
     settings = _settings(dataset, tmp_path / "Lora", epochs=1, sample_every_epochs=0)
+    train_lora = lora_tab.train_lora
 
-    def work(j: TrainingJob) -> str:
-        j.stop.set()  # Interrupt pressed before the first step ends: the trainer stops after it
-        return run_training(j, host, settings)
+    def interrupted_during_step_1(model, config, *, on_progress, stop):
+        def progress(p):  # Interrupt pressed while step 1 runs: the trainer stops after it
+            on_progress(p)
+            stop.set()
 
-    assert job.start(work)
+        return train_lora(model, config, on_progress=progress, stop=stop)
+
+    monkeypatch.setattr(lora_tab, "train_lora", interrupted_during_step_1)
+    assert job.start(lambda j: run_training(j, host, settings))
     job.wait(120)
+    monkeypatch.setattr(lora_tab, "train_lora", train_lora)
     assert job.view.message.startswith("⏸ Interrupted at step 1/3") and "resume" in job.view.message
     assert (tmp_path / "Lora" / "tiny_shirt-state.pt").is_file()
     message = _run(job, host, settings)
