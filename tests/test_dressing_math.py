@@ -264,3 +264,25 @@ def test_half_precision_runs(unet, inputs, garments, monkeypatch, dtype, additiv
 def test_features_follow_target_dtype_and_device(unet, garments):
     feats = GarmentsNet(unet, shared=True).extract(garments, dtype=torch.float16, device="cpu")
     assert {f.dtype for f in feats.per_layer.values()} == {torch.float16}
+
+
+def test_recorded_attention_mass_is_the_softmax_mass_on_each_garment(unet, inputs, garments):
+    """A_k of IGL: softmax(Q K'^T / sqrt(d)) summed over garment k's tokens, averaged over heads."""
+    x, t, ctx = inputs
+    with torch.no_grad():
+        feats = GarmentsNet(unet, shared=True).extract(garments)
+    proj = DressingProjections.from_unet(unet)
+    layer = self_attention_layers(unet)[0]
+    seen = {}
+    hook = layer.attn.register_forward_pre_hook(lambda module, args: seen.setdefault("x", args[0]))
+    with Dresser(unet, feats, proj, record_attention_mass=True) as dresser:
+        run(unet, x, t, ctx)
+    hook.remove()
+    heads = layer.attn.heads
+    with torch.no_grad():
+        q = layer.attn.to_q(seen["x"]).unflatten(-1, (heads, -1)).transpose(1, 2)
+        f = feats.per_layer[layer.name]
+        k = proj.pair(layer.name)[0](f.reshape(1, -1, f.shape[-1])).unflatten(-1, (heads, -1)).transpose(1, 2)
+        probs = (q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(-1)
+    expected = probs.unflatten(-1, (garments.shape[0], -1)).sum(-1).mean(1)
+    torch.testing.assert_close(dresser.attention_mass[layer.name], expected, atol=1e-5, rtol=1e-5)

@@ -335,14 +335,24 @@ class Dresser:
     ) -> Tensor:
         if not self.record_attention_mass:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # scaled first: q k^T can overflow fp16
-        probs = (scores if bias is None else scores + bias).softmax(dim=-1)
-        garment = probs[..., garment_start:]
-        n = len(self._kept)
-        # A_k: attention mass each query puts on garment k's tokens, averaged over heads -> (R, T, N)
-        mass = garment.unflatten(-1, (n, -1)).sum(-1).mean(1)
+        # A_k, the attention mass each query puts on garment k's tokens, is P @ 1_k: garment indicators
+        # appended to the values come out of the same attention call, so P (several GB per top-level
+        # layer at 768x576) is never materialised. q and k get zeros to keep one head size (fused kernels).
+        n, d = len(self._kept), q.shape[-1]
+        tokens = k.shape[-2]
+        indicator = torch.zeros(tokens, n, dtype=v.dtype, device=v.device)
+        eye = torch.eye(n, dtype=v.dtype, device=v.device)
+        indicator[garment_start:] = eye.repeat_interleave((tokens - garment_start) // n, dim=0)
+        out = F.scaled_dot_product_attention(
+            F.pad(q, (0, n)),
+            F.pad(k, (0, n)),
+            torch.cat([v, indicator.expand(*v.shape[:-1], n)], dim=-1),
+            attn_mask=bias,
+            scale=d**-0.5,
+        )
+        mass = out[..., d:].mean(1)  # averaged over heads -> (R, T, N)
         self.attention_mass[state.layer.name] = mass if valid is None else mass * valid
-        return probs @ v
+        return out[..., :d]
 
 
 def remove_dressing(unet: nn.Module) -> bool:
