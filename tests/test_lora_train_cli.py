@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import numpy as np
 import pytest
@@ -90,3 +91,14 @@ def test_bad_configs_are_named(files, capsys, edit, message):
     assert _run(files, edit(_toml(files, output_dir=str(files / "other")))) == 2
     assert message in capsys.readouterr().out
     assert not (files.parent / "escape.safetensors").exists()
+
+
+def test_bench_lora_times_plain_and_memory_savers_in_one_run(capsys):
+    from lib_anydressing.__main__ import main
+
+    assert main(["bench-lora", "--json", "--model-channels", "32", "--resolution", "64", "--steps", "1"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    plain, savers = result["sec_per_step_plain"], result["sec_per_step_savers"]
+    assert plain > 0 and savers > 0
+    assert result["step_ratio"] == pytest.approx(savers / plain, abs=2e-3)
+    assert result["resolution"] == 64 and result["model_channels"] == 32 and result["batch_size"] == 1
