@@ -8,6 +8,7 @@ from typing import Any
 
 from ..config_file import ConfigFileError, read_toml
 from ..generation.options import CATEGORIES
+from .losses import LossSwitches
 
 SECTIONS = ("model", "data", "train", "loss")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
@@ -56,13 +57,13 @@ class TrainConfig:
     resume: str = ""  # "latest": output_dir/state when present; or a state folder
     device: str = ""  # empty: cuda when available
     # [loss]
-    loss_ldm: bool = True
-    loss_loc: bool = True
-    loss_perc: bool = True
-    loss_hf: bool = True
-    lambda_loc: float = 0.01
-    lambda_texture: float = 0.001
-    eta: int = 350
+    loss_ldm: bool = LossSwitches.ldm  # the paper's values live in LossSwitches, once
+    loss_loc: bool = LossSwitches.loc
+    loss_perc: bool = LossSwitches.perc
+    loss_hf: bool = LossSwitches.hf
+    lambda_loc: float = LossSwitches.lambda_loc
+    lambda_texture: float = LossSwitches.lambda_texture
+    eta: int = LossSwitches.eta
 
     def __post_init__(self) -> None:
         self.validate()
