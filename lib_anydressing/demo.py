@@ -21,7 +21,7 @@ from PIL import Image, ImageChops, ImageOps
 from .engine import AnyDressingModel, CheckpointError, Dresser, load_checkpoint
 from .engine.image_prompt import garment_context
 from .engine.sd_unet import SD15_UNET, build_unet, reinitialise
-from .images import ImageInputError, garment_tensor, tensor_to_image
+from .images import ImageInputError, garment_tensor, side_by_side, tensor_to_image
 from .model_files import model_dirs, resolve_model
 from .sampling import ddim_sample, guidance_layout
 from .sd_checkpoint import LATENT_SCALE, TINY_VAE
@@ -137,10 +137,4 @@ def _grid(garments: list[Image.Image], plain: Image.Image, dressed: Image.Image)
         g = g.resize((g.width * (h // len(garments)) // g.height, h // len(garments)))
         column.paste(g, (0, y))
         y += g.height
-    tiles = [column, plain, dressed, diff]
-    out = Image.new("RGB", (sum(t.width for t in tiles), h), "white")
-    x = 0
-    for t in tiles:
-        out.paste(t, (x, 0))
-        x += t.width
-    return out
+    return side_by_side([column, plain, dressed, diff])

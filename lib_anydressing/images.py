@@ -71,6 +71,16 @@ def tensor_to_image(x: Tensor) -> Image.Image:
     return Image.fromarray(a, "RGB")
 
 
+def side_by_side(tiles: list[Image.Image]) -> Image.Image:
+    """Images of one height in a row, left to right, on white (the demo's and the trainer's grids)."""
+    row = Image.new("RGB", (sum(t.width for t in tiles), max(t.height for t in tiles)), "white")
+    x = 0
+    for tile in tiles:
+        row.paste(tile, (x, 0))
+        x += tile.width
+    return row
+
+
 def load_image(value: Any) -> Image.Image:
     """A PIL image from a PIL image, a numpy array (gradio) or a base64 string (API, with or without data: URL)."""
     if isinstance(value, Image.Image):

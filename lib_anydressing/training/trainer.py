@@ -528,20 +528,12 @@ class AnyDressingTrainer:
 
 def _side_by_side(images: list[Tensor], height: int):
     """(3, h, w) images in [-1, 1], scaled to one height and put in a row, as a PIL image."""
-    from PIL import Image
+    from ..images import side_by_side, tensor_to_image
 
-    from ..images import tensor_to_image
+    def scaled(im: Tensor) -> Tensor:
+        return F.interpolate(im[None].float(), size=(height, round(im.shape[-1] * height / im.shape[-2])))[0]
 
-    tiles = [
-        tensor_to_image(F.interpolate(im[None].float(), size=(height, round(im.shape[-1] * height / im.shape[-2])))[0])
-        for im in images
-    ]
-    grid = Image.new("RGB", (sum(t.width for t in tiles), height), "white")
-    x = 0
-    for tile in tiles:
-        grid.paste(tile, (x, 0))
-        x += tile.width
-    return grid
+    return side_by_side([tensor_to_image(scaled(im)) for im in images])
 
 
 class _EpochOrder(torch.utils.data.Sampler):
