@@ -9,7 +9,8 @@ The API the tab and the headless command call:
 The LoRA is patched onto the user's modules and comes off on every path (done, interrupted, NaN,
 exception); it is never merged, the base weights get no gradient and their requires_grad flags are
 restored as found. State is saved at each epoch end and on interrupt (`<name>-state.pt`: LoRA,
-optimizer, scaler, step, RNG), and a later call with `resume=True` continues exactly where it stopped.
+optimizer, scaler, step, RNG), and a later call with `resume=True` continues where it stopped (equal to an
+uninterrupted run up to float rounding: README, What resume guarantees).
 The stop flag is also read while the images and captions are encoded, before the first step.
 A NaN/inf loss stops the run before the bad update, keeping the last good checkpoint.
 """

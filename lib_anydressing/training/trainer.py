@@ -8,7 +8,8 @@ Each sample is its own forward: one Dresser call shares one garment set across i
 carry different garments, so a batch is gradient accumulation over samples.
 
 Randomness (timesteps, noise, latent sampling, dropout, data order) comes from one generator whose
-state is saved with the weights and the optimizer, so a resumed run continues bit-exactly.
+state is saved with the weights and the optimizer, so a resumed run takes the same steps as an
+uninterrupted one (equal up to float rounding: README, What resume guarantees).
 """
 
 from __future__ import annotations
