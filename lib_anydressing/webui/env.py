@@ -5,12 +5,13 @@ With forge.py, the only modules of lib_anydressing importing them.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..model_files import model_dirs
 from .forge import is_forge
@@ -100,18 +101,58 @@ class A1111Env:
         return devices.autocast()
 
     def encode(self, p: Any, images: Tensor) -> Tensor:
-        from modules import devices
+        """Scaled latents of garment images in [-1, 1]: the VAE posterior's mean, on either WebUI.
 
-        x = images.to(devices.device, devices.dtype_vae)
-        posterior = p.sd_model.encode_first_stage(x)
-        # The posterior's mode, not a sample: ldm samples it with the global, unseeded RNG, and the
-        # same garments must give the same features (and image) after a restart or a cache eviction.
-        z = posterior.mode() if hasattr(posterior, "mode") else posterior
-        return p.sd_model.get_first_stage_encoding(z)
+        Not through the host's encode_first_stage: sgm (A1111's SDXL) and Forge sample the posterior
+        there with the global RNG, so features cached from one request would depend on what ran first.
+        """
+        if is_forge(p):
+            from backend import memory_management
+
+            vae = p.sd_model.forge_objects.vae
+            memory_management.load_model_gpu(vae.patcher)  # Forge's VAE may wait on the offload device
+            mean = posterior_mean(vae.first_stage_model, images.to(vae.device, vae.vae_dtype))
+            return vae.first_stage_model.process_in(mean)
+        from modules import devices, lowvram
+
+        vae = p.sd_model.first_stage_model
+        with _a1111_on_device(vae, devices.device, lowvram.is_enabled(p.sd_model)):
+            mean = posterior_mean(vae, images.to(devices.device, devices.dtype_vae))
+        return mean * p.sd_model.scale_factor
 
     def empty_prompt(self, p: Any) -> Tensor | None:
         cond = p.sd_model.get_learned_conditioning([""])
         return cond["crossattn"] if isinstance(cond, dict) else cond
+
+
+def posterior_mean(vae: nn.Module, x: Tensor) -> Tensor:
+    """The mean (the mode) of a KL VAE's posterior for images x in [-1, 1], unscaled.
+
+    ldm's and sgm's AutoencoderKL and Forge's IntegratedAutoencoderKL all compute the posterior's
+    moments as quant_conv(encoder(x)), mean first (Forge may have no quant_conv).
+    """
+    moments = vae.encoder(x)
+    if getattr(vae, "quant_conv", None) is not None:
+        moments = vae.quant_conv(moments)
+    return moments.chunk(2, dim=1)[0]
+
+
+@contextmanager
+def _a1111_on_device(vae: nn.Module, device: torch.device, lowvram: bool) -> Iterator[None]:
+    """The VAE on the sampling device for the garments' encoding. Under --medvram/--lowvram A1111 moves
+    it there only inside its wrapped encode(), which we do not call: take the GPU the same way (everything
+    else off it) and give it back afterwards."""
+    if not lowvram:
+        yield
+        return
+    from modules import lowvram as a1111_lowvram
+
+    a1111_lowvram.send_everything_to_cpu()
+    vae.to(device)
+    try:
+        yield
+    finally:
+        vae.to("cpu")
 
 
 def default_lowvram() -> bool:
