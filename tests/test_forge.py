@@ -433,3 +433,37 @@ def test_joint_guidance_turns_the_cfg_result_into_magicclothings():
     torch.testing.assert_close(joint_guidance(cfg, garments, uncond, w_g, w), magicclothing)
     masked = joint_guidance(cfg, garments, uncond, w_g, w, keep)
     torch.testing.assert_close(masked, keep * magicclothing + (1 - keep) * cfg)
+
+
+class ManualCastLinear(torch.nn.Linear):
+    """backend/operations.py (dfdcbab) Linear with parameters_manual_cast: weights kept in their storage
+    dtype and cast to the input's dtype on every call (weights_manual_cast, target_dtype = x.dtype)."""
+
+    def forward(self, x):
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+
+@pytest.mark.parametrize("storage", [torch.float16, torch.bfloat16])
+def test_garment_kv_in_the_compute_dtype_when_forge_stores_weights_in_another(unet, garments, storage):
+    """--unet-in-fp16 (or bf16, fp8) on Forge: weights stored narrow, computed in fp32. The garment K/V must
+    come out of the same fp32 computation as the UNet's own keys, not out of the storage dtype."""
+    from lib_anydressing.engine import GarmentsNet
+
+    with torch.no_grad():
+        features = GarmentsNet(unet, shared=True).extract(garments)  # fp32: Forge's computation_dtype
+        layers = self_attention_layers(unet)
+        for layer in layers:
+            for name in ("to_q", "to_k", "to_v"):
+                old = getattr(layer.attn, name)
+                stored = ManualCastLinear(old.in_features, old.out_features, bias=old.bias is not None)
+                stored.load_state_dict(old.state_dict())
+                setattr(layer.attn, name, stored.to(storage))
+        dresser = Dresser(unet, features, None, strength=1.0)
+        prepared = dresser.prepare()
+        for name, layer in prepared.items():
+            f = features.per_layer[name].reshape(1, -1, features.per_layer[name].shape[-1])
+            want = F.linear(f, layer.attn.to_k.weight.float())  # the fp32 computation Forge does
+            k = dresser._states[name].k
+            assert k.dtype == torch.float32, name
+            torch.testing.assert_close(k.transpose(1, 2).reshape(want.shape), want, rtol=1e-6, atol=1e-6)

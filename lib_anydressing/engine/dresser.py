@@ -164,7 +164,9 @@ class Dresser:
             to_k, to_v = attn.to_k, attn.to_v
         else:
             to_k, to_v = self.projections.pair(state.layer.name)
-        f = state.features.to(_compute_dtype(to_k.weight, state.features.dtype))
+        # In the features' dtype, which is the UNet's compute dtype: Forge may store weights in fp16, fp8
+        # or 4 bits and cast them per call, so the weights' own dtype says nothing about the computation.
+        f = state.features
         k, v = to_k(f), to_v(f)
         if self.projections is not None:  # additive: weight w_k scales garment k's values
             t = f.shape[1] // max(len(self._kept), 1)
@@ -362,12 +364,6 @@ def remove_dressing(unet: nn.Module) -> bool:
         return False
     dresser.remove()
     return True
-
-
-def _compute_dtype(weight: Tensor, fallback: torch.dtype) -> torch.dtype:
-    """The weight's dtype, unless it is only a storage format (Forge's fp8 / 4-bit weights are cast per call)."""
-    dtype = weight.dtype
-    return dtype if dtype.is_floating_point and torch.finfo(dtype).bits >= 16 else fallback
 
 
 def _merge_rows(rows: Tensor, cond: Tensor, others: Tensor, rest: Tensor) -> Tensor:
