@@ -275,6 +275,11 @@ def test_infotext_round_trip(setup):
     assert (values["slot0_category"], values["slot0_weight"], values["slot0_region"]) == ("upper", 1.0, "box")
     assert (values["slot0_box_y1"], values["slot1_category"], values["slot1_weight"]) == (0.5, "lower", 0.8)
     assert values["slot1_region"] == "none" and "slot2_category" not in values
+    assert values["garment_guidance_enabled"] is False and "garment_guidance" not in values
+    start(controller, p, _opts(garment_guidance=2.5))
+    controller.finish(unet)
+    values = pasted({k: str(v) for k, v in p.extra_generation_params.items()}, n_slots=4)
+    assert (values["garment_guidance_enabled"], values["garment_guidance"]) == (True, 2.5)
     assert pasted({"Steps": "20"}, 4) == {}
     gap = pasted({"AnyDressing model": "x", "AnyDressing garments": "3:hat:ab:0.5:none"}, 4)
     assert gap["slot2_category"] == "hat" and "slot0_category" not in gap  # slot numbers survive gaps

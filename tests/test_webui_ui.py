@@ -83,6 +83,9 @@ def test_infotext_fields_paste_values_the_components_accept(ui):
     assert pasted["script_anydressing_enabled-checkbox"] is True
     assert pasted["script_anydressing_slot0_category"] == "dress" and pasted["script_anydressing_slot0_y1"] == 0.5
     assert pasted["script_anydressing_slot1_category"] is None  # not in the infotext: left as it is
+    assert (pasted["script_anydressing_gg"], pasted["script_anydressing_gg_scale"]) == (False, None)
+    guided = {c.elem_id: f({**params, "AnyDressing garment guidance": "2.5"}) for c, f in fields}
+    assert (guided["script_anydressing_gg"], guided["script_anydressing_gg_scale"]) == (True, 2.5)
     assert not any(c.elem_id.endswith(("_image", "_mask")) for c, _ in fields)
 
 

@@ -8,6 +8,7 @@ from ..model_files import TRAINING_FREE
 
 PREFIX = "AnyDressing"
 PROBLEMS = f"{PREFIX} problems"  # why a generation went on without dressing; not pasted back
+GUIDANCE = f"{PREFIX} garment guidance"  # present only when it was on
 
 
 def infotext(opts: DressingOptions, model_label: str, strength: float) -> dict[str, str]:
@@ -17,13 +18,16 @@ def infotext(opts: DressingOptions, model_label: str, strength: float) -> dict[s
         + ("box " + " ".join(f"{v:g}" for v in slot.box) if slot.box else slot.region)
         for slot in opts.slots
     )
-    return {
+    entries = {
         f"{PREFIX} model": model_label,
         f"{PREFIX} strength": f"{strength:g}",
         f"{PREFIX} range": f"{opts.start:g}-{opts.end:g}",
         f"{PREFIX} resolution": str(opts.resolution),
         f"{PREFIX} garments": garments,
     }
+    if opts.garment_guidance is not None:
+        entries[GUIDANCE] = f"{opts.garment_guidance:g}"
+    return entries
 
 
 def pasted(params: dict[str, str], n_slots: int) -> dict[str, object]:
@@ -35,6 +39,10 @@ def pasted(params: dict[str, str], n_slots: int) -> dict[str, object]:
         number = _float(params.get(f"{PREFIX} {key}"))
         if number is not None:
             values[name] = number
+    guidance = _float(params.get(GUIDANCE))
+    values["garment_guidance_enabled"] = guidance is not None  # absent: the image was made without it
+    if guidance is not None:
+        values["garment_guidance"] = guidance
     start, _, end = params.get(f"{PREFIX} range", "").partition("-")
     if _float(start) is not None and _float(end) is not None:
         values["start"], values["end"] = _float(start), _float(end)
