@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import torch
 from PIL import Image
@@ -74,3 +75,28 @@ def test_guidance_formulas():
     assert combine_guidance(torch.cat([text, garments, uncond]), 5.0, 2.5) == 0.5 + 5.0 * (3 - 2) + 2.5 * (2 - 0.5)
     assert guidance_layout(2, None) == (2, [0, 1])
     assert guidance_layout(2, 2.5) == (3, [0, 1, 2, 3])
+
+
+def test_cli_imports_from_the_webuis_repositories(tmp_path, monkeypatch):
+    """A1111 adds repositories/stable-diffusion-stability-ai (ldm) to sys.path only when it starts."""
+    from lib_anydressing.__main__ import webui_repositories
+
+    webui = tmp_path / "webui"
+    for name in ("stable-diffusion-stability-ai", "k-diffusion"):
+        (webui / "repositories" / name).mkdir(parents=True)
+    package = webui / "extensions" / "sd-webui-anydressing" / "lib_anydressing"
+    package.mkdir(parents=True)
+    want = [webui / "repositories" / "stable-diffusion-stability-ai", webui / "repositories" / "k-diffusion"]
+    assert webui_repositories(package) == want
+    assert webui_repositories(tmp_path / "elsewhere" / "x" / "lib_anydressing") == []
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("ANYDRESSING_WEBUI", str(webui))
+    main(["selftest", "--url", "http://127.0.0.1:9", "--timeout", "2"])  # nothing listens: exits at once
+    assert [p for p in sys.path if p.startswith(str(webui))] == [str(p) for p in want]
+
+
+def test_cli_without_ldm_says_what_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ldm", None)
+    assert main(["demo", *SMALL]) == 1
+    said = capsys.readouterr().err
+    assert "ANYDRESSING_WEBUI" in said and "stable-diffusion-sdkit" in said
