@@ -1,0 +1,126 @@
+"""The self-test's verdicts, against a local server that answers the A1111 API routes it uses.
+
+The answers have the shapes of A1111 1.10.1's modules/api/models.py (TextToImageResponse: images,
+parameters, info as a JSON string with extra_generation_params; ProgressResponse: state.sampling_step)
+and the extension's own option parser decides what a request asks for. What the server draws is made
+up: a grey level from the seed and the garment images, so a dressed image differs from a plain one.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lib_anydressing import selftest
+from lib_anydressing.generation.options import from_api
+
+
+def test_the_selftest_request_is_what_the_extension_reads():
+    opts = from_api(selftest.garment_args()["AnyDressing"]["args"][0])
+    assert opts.usable and not opts.problems
+    assert [s.category for s in opts.slots] == ["upper", "lower"] and all(s.box for s in opts.slots)
+    pose = Image.open(io.BytesIO(base64.b64decode(selftest.pose_image(96, 128))))
+    assert pose.size == (96, 128) and np.asarray(pose).max() > 0
+
+
+class FakeWebUI(BaseHTTPRequestHandler):
+    history_leaks = False  # a WebUI whose dressed images depend on the request before
+    last = b""
+    step = 0
+    interrupted = threading.Event()
+
+    def log_message(self, *args):
+        pass
+
+    def _send(self, body, status=200):
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        answers = {
+            "/sdapi/v1/options": {"sd_model_checkpoint": "rand15.safetensors [abc]"},
+            "/sdapi/v1/scripts": {"txt2img": ["anydressing", "x/y/z plot"], "img2img": ["anydressing"]},
+            "/sdapi/v1/progress?skip_current_image=true": {"progress": 0.1, "state": {"sampling_step": FakeWebUI.step}},
+            "/openapi.json": {"components": {}},
+        }
+        self._send(answers.get(self.path, {"detail": "Not Found"}), 200 if self.path in answers else 404)
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
+        if self.path == "/sdapi/v1/interrupt":
+            FakeWebUI.interrupted.set()
+            return self._send(None)
+        self._send(self._txt2img(body))
+
+    def _txt2img(self, body):
+        params, digest = {}, hashlib.sha256(str(body["seed"]).encode())
+        args = body.get("alwayson_scripts", {}).get("AnyDressing", {}).get("args")
+        if args:
+            opts = from_api(args[0])
+            if opts.problems:
+                params["AnyDressing problems"] = "; ".join(opts.problems)
+            else:
+                params["AnyDressing model"] = "training-free"
+                garments = json.dumps(args[0]["garments"]).encode()
+                digest.update(garments + (FakeWebUI.last if FakeWebUI.history_leaks else b""))
+                FakeWebUI.last = garments
+        if body["steps"] > 8:  # the interrupt check's long request
+            FakeWebUI.interrupted.clear()
+            FakeWebUI.step = 1
+            FakeWebUI.interrupted.wait(5)
+            FakeWebUI.step = 0
+        side = round(body["width"] * (1.5 if body.get("enable_hr") else 1))
+        image = Image.new("RGB", (side, side), (digest.digest()[0],) * 3)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        info = {"seed": body["seed"], "extra_generation_params": params}
+        return {"images": [base64.b64encode(buffer.getvalue()).decode()], "parameters": body, "info": json.dumps(info)}
+
+
+@pytest.fixture
+def webui():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeWebUI)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    FakeWebUI.history_leaks = False
+
+
+def _run(url, capsys, *extra):
+    from lib_anydressing.__main__ import main
+
+    code = main(["selftest", "--url", url, "--size", "32", "--timeout", "20", *extra])
+    return code, capsys.readouterr().out
+
+
+def test_all_checks_pass_on_a_webui_that_behaves(webui, capsys):
+    started = time.perf_counter()
+    code, out = _run(webui, capsys, "--json")
+    report = json.loads(out)
+    assert code == 0, out
+    statuses = {c["name"]: c["status"] for c in report["checks"]}
+    assert statuses.pop("controlnet") == "SKIP"  # no ControlNet routes here
+    assert set(statuses.values()) == {"PASS"} and "interrupt" in statuses and "model untouched" in statuses
+    assert report["timings"]["ratio_warm"] > 0 and time.perf_counter() - started < 15
+
+
+def test_features_that_depend_on_history_fail_with_what_to_do(webui, capsys):
+    FakeWebUI.history_leaks = True
+    code, out = _run(webui, capsys)
+    assert code == 1
+    failed = [line for line in out.splitlines() if line.strip().startswith("FAIL")]
+    assert any("determinism" in line for line in failed) and "what to do" in out
