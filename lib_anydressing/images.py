@@ -13,6 +13,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
 MAX_PIXELS = 64_000_000  # refuse decompression bombs rather than exhausting memory
+MAX_ASPECT = 32  # fitted to a 512 px canvas, a thinner image is under 16 px: 2 latent cells
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # what a photo folder is read for
 
 
@@ -30,6 +31,11 @@ def to_rgb_and_mask(image: Image.Image) -> tuple[Image.Image, Image.Image | None
         raise ImageInputError("the image is empty")
     if image.width * image.height > MAX_PIXELS:
         raise ImageInputError(f"the image is {image.width}x{image.height}: larger than {MAX_PIXELS // 1_000_000} MP")
+    if max(image.size) > MAX_ASPECT * min(image.size):
+        raise ImageInputError(
+            f"the image is {image.width}x{image.height}: more than {MAX_ASPECT} times as long as it is wide, "
+            "too thin to fit a garment canvas; crop it closer to the garment"
+        )
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         a = np.asarray(image, dtype=np.float64)
         span = a.max() - a.min()

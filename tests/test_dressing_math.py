@@ -94,10 +94,38 @@ def test_joint_matches_concatenated_attention(layer_unet):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def _grid_of(n_tokens: int, latent: tuple[int, int]) -> tuple[int, int]:
+    """The grid with n_tokens among the latent halved again and again (rounding up, as stride-2 convs do)."""
+    h, w = latent
+    while h * w != n_tokens:
+        assert h * w > n_tokens, f"no level has {n_tokens} tokens"
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    return h, w
+
+
+class A1111Torch:
+    """modules/sd_hijack_unet.py TorchHijackForUnet (A1111 82a973c0), which A1111 puts in place of the ldm
+    UNet's `th`: a cat that resizes the upsampled half to the skip connection's size, so that image sides
+    only need to be multiples of 8, not 64."""
+
+    def __getattr__(self, item):
+        return getattr(torch, item)
+
+    def cat(self, tensors, *args, **kwargs):
+        if len(tensors) == 2 and tensors[0].shape[-2:] != tensors[1].shape[-2:]:
+            tensors = (F.interpolate(tensors[0], tensors[1].shape[-2:], mode="nearest"), tensors[1])
+        return torch.cat(tensors, *args, **kwargs)
+
+
+@pytest.mark.parametrize("latent", [LATENT, (25, 13)])  # 200x104 px: A1111 allows sizes that do not halve evenly
 @pytest.mark.parametrize("additive", [True, False])
-def test_region_masks_zero_attention_outside_region(unet, inputs, garments, additive):
-    x, t, ctx = inputs
-    h, w = LATENT
+def test_region_masks_zero_attention_outside_region(unet, inputs, garments, additive, latent, monkeypatch):
+    from ldm.modules.diffusionmodules import openaimodel
+
+    monkeypatch.setattr(openaimodel, "th", A1111Torch())
+    _, t, ctx = inputs
+    x = torch.randn(2, 4, *latent, generator=torch.Generator().manual_seed(4))
+    h, w = latent
     left = torch.zeros(h, w)
     left[:, : w // 2] = 1
     top = torch.zeros(h, w)
@@ -109,9 +137,7 @@ def test_region_masks_zero_attention_outside_region(unet, inputs, garments, addi
         run(unet, x, t, ctx)
     assert len(dresser.attention_mass) == len(self_attention_layers(unet))
     for name, mass in dresser.attention_mass.items():
-        n_tokens = mass.shape[1]
-        scale = int(math.sqrt(h * w / n_tokens))
-        grid = (math.ceil(h / scale), math.ceil(w / scale))
+        grid = _grid_of(mass.shape[1], latent)
         for k, region in enumerate([left, top]):
             inside = F.interpolate(region[None, None], size=grid, mode="area")[0, 0].flatten() > 0.5
             assert torch.all(mass[:, ~inside, k] == 0), f"{name}: garment {k} attended outside its region"
@@ -120,6 +146,23 @@ def test_region_masks_zero_attention_outside_region(unet, inputs, garments, addi
         if additive:  # eq. 6's softmax is over garment tokens only: mass sums to 1 wherever a region allows
             both_out = mass.sum(-1) == 0
             torch.testing.assert_close(mass.sum(-1)[~both_out], torch.ones_like(mass.sum(-1)[~both_out]))
+
+
+@pytest.mark.parametrize("additive", [True, False])
+def test_a_zero_weight_garment_among_others_is_as_if_it_were_not_given(unet, inputs, garments, additive):
+    x, t, ctx = inputs
+    with torch.no_grad():
+        both = GarmentsNet(unet, shared=True).extract(garments)
+        first = GarmentsNet(unet, shared=True).extract(garments[:1])
+    proj = DressingProjections.from_unet(unet) if additive else None
+    with Dresser(unet, both, proj, strength=0.8, weights=[1.3, 0.0]):
+        dropped = run(unet, x, t, ctx)
+    with Dresser(unet, first, proj, strength=0.8, weights=[1.3]):
+        alone = run(unet, x, t, ctx)
+    with Dresser(unet, both, proj, strength=0.8, weights=[1.3, 0.5]):
+        kept = run(unet, x, t, ctx)
+    torch.testing.assert_close(dropped, alone, atol=1e-5, rtol=1e-5)
+    assert (kept - alone).abs().max() > 1e-4  # the second garment does act when its weight is not 0
 
 
 def test_query_outside_every_region_gets_no_garment_term(unet, inputs, garments):

@@ -64,6 +64,7 @@ def test_api_dict_with_base64_garments():
         ({"image": _b64(Image.new("RGB", (8, 8))), "weight": "heavy"}, "garment 1 weight must be a number"),
         ({"image": _b64(Image.new("RGB", (80, 40))), "mask": _b64(Image.new("L", (40, 80)))}, "mask is 40x80 but"),
         ({"image": _b64(Image.new("RGB", (8, 8))), "colour": "red"}, "unknown fields ['colour']"),
+        ({"image": _b64(Image.new("RGB", (3, 500)))}, "garment 1: the image is 3x500: more than 32 times as long"),
     ],
 )
 def test_bad_garments_are_named(garment, message):

@@ -312,6 +312,7 @@ def test_positional_script_args_as_the_ui_sends_them():
         ("sdxl_model", "is for sdxl, but the loaded model is sd15"),
         ("corrupt_model", "not a readable safetensors file"),
         ("refused", "Hypertile"),
+        ("tiny_region", "garment 2: its box region is too small to steer the model"),
     ],
 )
 def test_bad_input_gets_a_message_and_leaves_the_model_untouched(setup, tmp_path, case, expected):
@@ -333,6 +334,10 @@ def test_bad_input_gets_a_message_and_leaves_the_model_untouched(setup, tmp_path
     elif case == "corrupt_model":
         (tmp_path / "broken.safetensors").write_bytes(bytes(64))
         opts = _opts(model="broken")
+    elif case == "tiny_region":  # a 2x2 px box covers no token of the grid at half the latent size
+        garments = _garments()
+        garments[1].update(region="box", box=[0.5, 0.5, 0.5 + 2 / p.width, 0.5 + 2 / p.height])
+        opts = from_api({"enabled": True, "garments": garments})
     else:
         controller.env.refuse = "Hypertile tiles the self-attention that AnyDressing needs whole"
     start(controller, p, opts)

@@ -13,7 +13,8 @@ from PIL import Image
 from torch import Tensor
 
 from ..engine import AnyDressingModel, GarmentFeatures
-from ..images import garment_tensor
+from ..engine.regions import region_tokens
+from ..images import ImageInputError, garment_tensor
 from .options import GarmentSlot
 
 
@@ -47,6 +48,29 @@ def region_masks(slots: Sequence[GarmentSlot], latent_hw: tuple[int, int]) -> li
         else:
             masks.append(None)
     return masks
+
+
+def region_notes(
+    slots: Sequence[GarmentSlot], regions: Sequence[Tensor | None], latent_hw: tuple[int, int]
+) -> list[str]:
+    """Check each region against the token grids it must steer: SD1.x and SDXL both dress the grids at 1/2
+    and 1/4 of the latent (SDXL nothing finer), so a region that vanishes at 1/2 would leave the garment
+    silently unused: an error; one that vanishes at 1/4 acts on the finer grids only: a note."""
+    notes = []
+    half = (math.ceil(latent_hw[0] / 2), math.ceil(latent_hw[1] / 2))
+    quarter = (math.ceil(half[0] / 2), math.ceil(half[1] / 2))
+    for slot, region in zip(slots, regions, strict=True):
+        if region is None:
+            continue
+        if not region_tokens(region, half).any():
+            raise ImageInputError(
+                f"garment {slot.index + 1}: its {slot.region} region is too small to steer the model (it must "
+                f"cover at least 16x16 pixels of the {latent_hw[1] * 8}x{latent_hw[0] * 8} image): make it "
+                "larger, or set its region to none"
+            )
+        if not region_tokens(region, quarter).any():
+            notes.append(f"garment {slot.index + 1}: its region is too small for the coarser UNet levels")
+    return notes
 
 
 def lora_slots(model: AnyDressingModel, slots: Sequence[GarmentSlot]) -> list[int] | None:

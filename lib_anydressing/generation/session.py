@@ -16,7 +16,15 @@ from torch import Tensor, nn
 from ..engine import AnyDressingModel, Dresser, GarmentFeatures, GarmentsNet, remove_dressing
 from ..engine.image_prompt import garment_context
 from .options import DressingOptions
-from .prepare import FeatureCache, content_key, garment_batch, garment_canvas, lora_slots, region_masks
+from .prepare import (
+    FeatureCache,
+    content_key,
+    garment_batch,
+    garment_canvas,
+    lora_slots,
+    region_masks,
+    region_notes,
+)
 from .rows import RowTracker
 
 Encode = Callable[[Tensor], Tensor]  # (N, 3, H, W) in [-1, 1] -> scaled latents (N, 4, H/8, W/8)
@@ -69,9 +77,11 @@ class DressingSession:
         canvas = garment_canvas(target_wh, self.opts.resolution)
         slot_ids = lora_slots(self.model, slots)
         key = content_key(slots, model_key, canvas, slot_ids, dtype, str(device), str(image_encoder_dir))
+        latent_hw = (target_wh[1] // 8, target_wh[0] // 8)
+        regions = region_masks(slots, latent_hw)
+        notes = region_notes(slots, regions, latent_hw)  # before extraction: it may refuse a region
         features = cache.get(key)
         from_cache = features is not None
-        notes: list[str] = []
         if features is None:
             images = [s.masked_image() for s in slots]
             context, note = garment_context(self.model, images, empty_prompt, image_encoder_dir)
@@ -90,10 +100,7 @@ class DressingSession:
                 if offload_garments_net and not garments_net.shared:
                     garments_net.to("cpu")
             cache.put(key, features)
-        latent_hw = (target_wh[1] // 8, target_wh[0] // 8)
-        self.prepared = PreparedGarments(
-            features, region_masks(slots, latent_hw), [s.weight for s in slots], from_cache, notes
-        )
+        self.prepared = PreparedGarments(features, regions, [s.weight for s in slots], from_cache, notes)
         return self.prepared
 
     def make_dresser(self, unet: nn.Module) -> Dresser:
