@@ -188,3 +188,27 @@ def test_sdxl_pooled_input_on_forge_gets_zeros(garments):
     assert len(feats.per_layer) == len(self_attention_layers(unet))
     assert seen[0].dtype == garments.dtype and seen[0].shape == (garments.shape[0], adm_in_channels)
     assert not seen[0].any()
+
+
+def test_gfe_lora_equals_its_deltas_merged_into_q_k_v(unet, garments):
+    """Reference computed independently: each slot's (alpha / rank) * up @ down merged into a copy's to_q,
+    to_k, to_v weights (alpha != rank, and q/k/v deltas all different, so a wrong scale or a delta on the
+    wrong projection shows)."""
+    import copy
+
+    dims = {layer.name: (layer.dim, layer.inner_dim) for layer in self_attention_layers(unet)}
+    lora = GarmentLoRA(dims, 2, rank=2, alpha=3.0).requires_grad_(False)
+    gen = torch.Generator().manual_seed(6)
+    for p in lora.parameters():
+        p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    with torch.no_grad():
+        feats = GarmentsNet(unet, shared=True, lora=lora).extract(garments, slots=[1, 0])
+        for row, slot in enumerate([1, 0]):
+            merged = copy.deepcopy(unet)
+            for layer in self_attention_layers(merged):
+                for p in ("q", "k", "v"):
+                    delta = lora.for_layer(layer.name)[p]
+                    getattr(layer.attn, f"to_{p}").weight += 1.5 * delta.up[slot] @ delta.down[slot]
+            want = GarmentsNet(merged, shared=True).extract(garments[row : row + 1])
+            for name in feats.per_layer:
+                torch.testing.assert_close(feats.per_layer[name][row], want.per_layer[name][0], atol=1e-4, rtol=1e-4)
