@@ -406,7 +406,7 @@ def test_garment_guidance_on_forge(setup):
     assert (got - (u + w * (text - u))).abs().max() > 1e-3
 
 
-def test_models_without_a_unet_are_refused_on_forge(setup, monkeypatch):
+def test_models_without_a_unet_and_quantised_unets_are_refused_on_forge(setup, monkeypatch):
     from lib_anydressing.webui import env
 
     controller, p, unet, user = setup
@@ -418,6 +418,13 @@ def test_models_without_a_unet_are_refused_on_forge(setup, monkeypatch):
     assert "is not a UNet" in env.A1111Env().refusal(p)
     p.sd_model.is_sd1 = True
     assert env.A1111Env().refusal(p) is None
+    k_model = p.sd_model.forge_objects.unet.model  # backend/modules/k_model.py KModel.storage_dtype
+    for storage in ("nf4", "fp4", "gguf"):
+        k_model.storage_dtype = storage
+        assert f"stored as {storage}" in env.A1111Env().refusal(p)
+    for storage in (torch.float16, torch.float8_e4m3fn):  # cast to the computation dtype per call: dressed
+        k_model.storage_dtype = storage
+        assert env.A1111Env().refusal(p) is None
 
 
 def test_joint_guidance_turns_the_cfg_result_into_magicclothings():

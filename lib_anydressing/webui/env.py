@@ -52,6 +52,12 @@ class A1111Env:
         if is_forge(p) and not any(getattr(p.sd_model, f"is_{kind}", False) for kind in ("sd1", "sd2", "sdxl")):
             name = type(p.sd_model).__name__
             return f"this model ({name}) is not a UNet: Flux, SD3 and Chroma have no UNet self-attention to dress"
+        storage = getattr(p.sd_model.forge_objects.unet.model, "storage_dtype", None) if is_forge(p) else None
+        if isinstance(storage, str):  # Forge names its quantised formats: 'nf4', 'fp4', 'gguf'
+            return (
+                f"this UNet is stored as {storage}, which AnyDressing has not been verified with; set "
+                "'Diffusion in Low Bits' to Automatic or float8-e4m3fn, with a checkpoint that is not GGUF"
+            )
         if getattr(p.sd_model, "is_sd3", False):
             return "SD3 has no UNet self-attention layers to dress"
         if sd_unet.current_unet is not None:
