@@ -17,31 +17,33 @@ from typing import Any
 
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from lib_anydressing.engine import AnyDressingModel, Dresser, DressingProjections, ModelInfo, save_checkpoint
+from lib_anydressing.engine.sd_unet import reinitialise
 from lib_anydressing.generation.options import from_api, from_script_args, script_arg_names
 from lib_anydressing.model_files import TRAINING_FREE
+from lib_anydressing.sd_checkpoint import TINY_VAE, build_autoencoder
 from lib_anydressing.webui.controller import Controller
+from lib_anydressing.webui.env import posterior_mean
 from lib_anydressing.webui.infotext import pasted
 
 from conftest import LATENT
 
+_VAE = build_autoencoder(TINY_VAE, embed_dim=4).eval().requires_grad_(False)
+reinitialise(_VAE, seed=3)
+
 
 class FakeSdModel:
-    """The LatentDiffusion surface used: model.diffusion_model, sd_model_hash, VAE encode, text conditioning."""
+    """The LatentDiffusion surface used: model.diffusion_model, sd_model_hash, the VAE (the real ldm
+    AutoencoderKL, tiny, random) and its scale_factor, text conditioning."""
 
     def __init__(self, unet):
         self.model = type("DiffusionWrapper", (), {})()
         self.model.diffusion_model = unet
         self.sd_model_hash = "abc123"
-
-    def encode_first_stage(self, x):
-        return F.avg_pool2d(x, 8).repeat(1, 2, 1, 1)[:, :4]  # stands in for the VAE: (N,3,H,W) -> (N,4,H/8,W/8)
-
-    def get_first_stage_encoding(self, z):
-        return z * 0.18215
+        self.first_stage_model = _VAE
+        self.scale_factor = 0.18215
 
     def get_learned_conditioning(self, prompts):
         return torch.zeros(len(prompts), 77, 768)
@@ -109,8 +111,8 @@ class FakeEnv:
     def autocast(self):
         return contextlib.nullcontext()
 
-    def encode(self, p, images):
-        return p.sd_model.get_first_stage_encoding(p.sd_model.encode_first_stage(images))
+    def encode(self, p, images):  # A1111Env.encode without its device handling (tested in test_webui_env)
+        return posterior_mean(p.sd_model.first_stage_model, images) * p.sd_model.scale_factor
 
     def empty_prompt(self, p):
         return p.sd_model.get_learned_conditioning([""])
