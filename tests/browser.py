@@ -9,7 +9,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -56,29 +56,33 @@ def browser_page(url: str, height: int = 1200) -> Iterator:
 
 
 @contextmanager
-def standalone_ui(outputs: Path) -> Iterator[str]:
-    """`python -m lib_anydressing ui` on a free localhost port, writing to `outputs`; yields its URL."""
+def served(command: list[str], timeout: float = 120) -> Iterator[str]:
+    """Run `command` (a gradio app; `{port}` in it is replaced by a free localhost port) until its page
+    answers; yields its URL and stops it afterwards."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "lib_anydressing", "ui", "--port", str(port), "--outputs", str(outputs)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    command = [part.replace("{port}", str(port)) for part in command]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
-        deadline = time.time() + 90
+        deadline = time.time() + timeout
         while True:
             try:
                 urllib.request.urlopen(url, timeout=2)
                 break
             except OSError:
                 if proc.poll() is not None:
-                    raise RuntimeError(f"the UI exited: {proc.stdout.read().decode()}") from None
+                    raise RuntimeError(f"{command[1:3]} exited: {proc.stdout.read().decode()}") from None
                 if time.time() > deadline:
-                    raise RuntimeError("the UI did not start within 90 s") from None
+                    raise RuntimeError(f"{command[1:3]} did not start within {timeout:g} s") from None
                 time.sleep(0.5)
         yield url
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def standalone_ui(outputs: Path) -> AbstractContextManager[str]:
+    """`python -m lib_anydressing ui` on a free localhost port, writing to `outputs`; yields its URL."""
+    return served([sys.executable, "-m", "lib_anydressing", "ui", "--port", "{port}", "--outputs", str(outputs)])

@@ -23,6 +23,8 @@ from ..segment.session import BOX, NEGATIVE, POSITIVE, MaskEdits, SegmentState
 
 SEGMENTER = Segmenter()  # one SAM model per process, freed on request
 LARGEST, FROM_PHOTO = "largest object", "the prompts clicked on the photo above"
+GRADIO_4 = int(gr.__version__.split(".")[0]) >= 4  # Forge; A1111 has gradio 3
+LOAD_PREVIEW = "Load the preview to paint on"
 
 
 @dataclass
@@ -68,12 +70,11 @@ def build(sam_dirs: Callable[[], list[Path]], output_dir: Path, send_targets: li
                 largest = gr.Checkbox(False, label="Largest part only")
                 invert = gr.Checkbox(False, label="Invert")
     with gr.Accordion("Brush: paint over the preview, then add or subtract", open=False):
-        brush = gr.Image(label="Paint here", tool="sketch", type="numpy", source="upload", interactive=True,
-                         elem_id="anydressing_segment_brush")  # fmt: skip
+        brush = brush_canvas("anydressing_segment_brush")
         with gr.Row():
             brush_add = gr.Button("Add strokes to the mask")
             brush_sub = gr.Button("Subtract strokes from the mask")
-            brush_load = gr.Button("Load the preview to paint on")
+            brush_load = gr.Button(LOAD_PREVIEW)
     with gr.Row():
         cutout_out = gr.Image(label="Cutout (RGBA)", type="pil", image_mode="RGBA", interactive=False,
                               elem_id="anydressing_segment_cutout")  # fmt: skip
@@ -203,20 +204,20 @@ def build(sam_dirs: Callable[[], list[Path]], output_dir: Path, send_targets: li
         calls = json.dumps({t.label: t.switch_js for t in send_targets})
         switch_tab = "(label) => { const call = " + calls + "[label]; if (call) { try { new Function(call)(); }"
         switch_tab += " catch (e) { console.warn(e); } } return []; }"  # the WebUI's switch_to_* may be absent
-        send.click(on_send, [state, send_to, *edits_inputs], outputs).then(None, [send_to], None, _js=switch_tab)
+        js = {"js" if GRADIO_4 else "_js": switch_tab}
+        send.click(on_send, [state, send_to, *edits_inputs], outputs).then(None, [send_to], None, **js)
 
     def on_brush(add: bool):
         def handler(st: SegmentState, painted, *edits):
-            if isinstance(painted, dict) and painted.get("mask") is not None:
-                strokes = np.asarray(painted["mask"])
-                st.paint((strokes[..., 0] if strokes.ndim == 3 else strokes) > 0, add)
-            return (st, *render(st, *edits))
+            problem = apply_strokes(st, painted, add)
+            shown = render(st, *edits)
+            return (st, *shown) if problem is None else (st, *shown[:-1], f"⚠ {problem}")
 
         return handler
 
     brush_add.click(on_brush(True), [state, brush, *edits_inputs], [state, *views])
     brush_sub.click(on_brush(False), [state, brush, *edits_inputs], [state, *views])
-    brush_load.click(lambda st, *e: st.overlay(_edits(e)), [state, *edits_inputs], [brush])
+    brush_load.click(lambda st, *e: brush_value(st.overlay(_edits(e))), [state, *edits_inputs], [brush])
 
     def on_batch(st: SegmentState, folder, out, which, *edits, progress=gr.Progress()):  # noqa: B008
         try:
@@ -231,6 +232,66 @@ def build(sam_dirs: Callable[[], list[Path]], output_dir: Path, send_targets: li
         return [list(row) for row in report]
 
     batch_run.click(on_batch, [state, batch_in, batch_out, template, *edits_inputs], [batch_report])
+
+
+def brush_canvas(elem_id: str) -> gr.components.Component:
+    """The canvas the Brush paints on. gradio 3 (A1111): an Image with the sketch tool. gradio 4 (Forge)
+    dropped `tool`: an ImageEditor with one RGBA layer, a brush and an eraser, no crop, and no upload
+    (the preview is loaded into it), so it opens on the brush."""
+    if GRADIO_4:
+        return gr.ImageEditor(
+            label="Paint here", type="numpy", image_mode="RGBA", sources=[], transforms=[],
+            layers=False, brush=gr.Brush(colors=["rgb(255, 0, 200)"], color_mode="fixed"),
+            interactive=True, elem_id=elem_id,
+        )  # fmt: skip
+    return gr.Image(label="Paint here", tool="sketch", type="numpy", source="upload", interactive=True,
+                    elem_id=elem_id)  # fmt: skip
+
+
+def brush_value(image: Image.Image | None) -> Image.Image | dict[str, Any] | None:
+    """`image` as a value of the brush canvas: the image itself (gradio 3), or an ImageEditor value with it
+    as background and nothing painted yet (gradio 4)."""
+    if image is None or not GRADIO_4:
+        return image
+    return {"background": image, "layers": [], "composite": None}
+
+
+def strokes_mask(value: Any) -> np.ndarray | None:
+    """The painted pixels of the brush canvas's value (type numpy) as a boolean HxW mask; None when
+    nothing is painted. gradio 3, Image(tool="sketch"): {"image": HxWx3, "mask": HxWx3}, the canvas's
+    alpha made grey, so painted pixels are white. gradio 4, ImageEditor: {"background": ..., "layers":
+    [HxWx4 RGBA, ...], "composite": ...}, a painted pixel has alpha > 0 in some layer."""
+    if not isinstance(value, dict):
+        return None
+    planes = (value["layers"] or []) if "layers" in value else [value.get("mask")]
+    painted = [_painted(np.asarray(plane)) for plane in planes if plane is not None]
+    if not painted:
+        return None
+    mask = np.logical_or.reduce(painted)  # the layers all have the canvas's size
+    return mask if mask.any() else None
+
+
+def apply_strokes(st: SegmentState, value: Any, add: bool) -> str | None:
+    """Add the strokes painted on the brush canvas to the mask (or take them out); why not, or None."""
+    if st.image is None:
+        return "no photo to paint on: upload one above first."
+    strokes = strokes_mask(value)
+    if strokes is None:
+        return f"no brush strokes: press '{LOAD_PREVIEW}', then paint over the garment."
+    if "background" in value and value["background"] is None:  # gradio 4: painted before loading
+        return f"the strokes are on a blank canvas: press '{LOAD_PREVIEW}' and paint over it."
+    (h, w), (sh, sw) = st.image.shape[:2], strokes.shape
+    if abs(sh * w - sw * h) > w + h:  # another shape; the same shape at another scale is rescaled
+        return f"the brush canvas is {sw}x{sh}, the photo {w}x{h}: press '{LOAD_PREVIEW}' and paint again."
+    st.paint(strokes, add)
+    return None
+
+
+def _painted(plane: np.ndarray) -> np.ndarray:
+    """Painted pixels of one canvas plane: alpha > 0 (RGBA), any channel > 0 (RGB, grey)."""
+    if plane.ndim == 3:
+        plane = plane[..., 3] if plane.shape[2] == 4 else plane.max(axis=2)
+    return plane > 0
 
 
 def _edits(values) -> MaskEdits:
