@@ -157,10 +157,10 @@ def check_gradio_4(tmp: Path) -> list[str]:
 
 
 def serve(port: int, out: Path) -> None:
-    """The AnyDressing tab (not the standalone app: its javascript/ loader is gradio 3's) on 127.0.0.1."""
-    from lib_anydressing.ui.app import build_tabs
+    """The standalone app (`python -m lib_anydressing ui`: the tabs and javascript/) on 127.0.0.1."""
+    from lib_anydressing.ui.app import standalone_app
 
-    build_tabs(lambda: [], out).queue().launch(server_name="127.0.0.1", server_port=port)
+    standalone_app(lambda: [], out).queue().launch(server_name="127.0.0.1", server_port=port)
 
 
 def main(argv: list[str]) -> int:

@@ -8,6 +8,7 @@ from pathlib import Path
 import gradio as gr
 
 from . import lora_tab, segment_tab
+from .gradio_compat import js_argument
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 EXTENSION_SAM_DIR = ROOT / "models" / "sam"
@@ -36,5 +37,5 @@ def standalone_app(sam_dirs: Callable[[], list[Path]], output_dir: Path, lora_di
     blocks = build_tabs(sam_dirs, output_dir, lora_host=host)
     scripts = "\n".join(p.read_text() for p in sorted((ROOT / "javascript").glob("*.js")))
     with blocks:
-        blocks.load(None, None, None, _js=f"() => {{ {scripts} }}")
+        blocks.load(None, None, None, **js_argument(f"() => {{ {scripts} }}"))
     return blocks

@@ -20,10 +20,10 @@ from ..segment.outputs import free_path
 from ..segment.sam_models import SamModelError, find_sam_files
 from ..segment.segmenter import GRABCUT, SAM_HINT, Segmenter, as_rgb_array
 from ..segment.session import BOX, NEGATIVE, POSITIVE, MaskEdits, SegmentState
+from .gradio_compat import GRADIO_4, js_argument
 
 SEGMENTER = Segmenter()  # one SAM model per process, freed on request
 LARGEST, FROM_PHOTO = "largest object", "the prompts clicked on the photo above"
-GRADIO_4 = int(gr.__version__.split(".")[0]) >= 4  # Forge; A1111 has gradio 3
 LOAD_PREVIEW = "Load the preview to paint on"
 
 
@@ -204,8 +204,9 @@ def build(sam_dirs: Callable[[], list[Path]], output_dir: Path, send_targets: li
         calls = json.dumps({t.label: t.switch_js for t in send_targets})
         switch_tab = "(label) => { const call = " + calls + "[label]; if (call) { try { new Function(call)(); }"
         switch_tab += " catch (e) { console.warn(e); } } return []; }"  # the WebUI's switch_to_* may be absent
-        js = {"js" if GRADIO_4 else "_js": switch_tab}
-        send.click(on_send, [state, send_to, *edits_inputs], outputs).then(None, [send_to], None, **js)
+        send.click(on_send, [state, send_to, *edits_inputs], outputs).then(
+            None, [send_to], None, **js_argument(switch_tab)
+        )
 
     def on_brush(add: bool):
         def handler(st: SegmentState, painted, *edits):
