@@ -173,7 +173,7 @@ def run(webui: WebUI, size: int, steps: int, seed: int) -> Report:
 
     add(_interrupt(webui, {**base, "steps": steps * 4, "alwayson_scripts": garment_args()}))
     add(_hires(webui, base))
-    add(_controlnet(webui, base, size))
+    add(_controlnet(webui, base, size, plain.image))
 
     last = webui.txt2img(base)
     if np.array_equal(last.image, plain.image):
@@ -231,7 +231,7 @@ def _hires(webui: WebUI, base: dict) -> Check:
     return Check("hires fix", "FAIL", hires.problems or f"image {hires.image.shape[1]} wide", PROBLEM)
 
 
-def _controlnet(webui: WebUI, base: dict, size: int) -> Check:
+def _controlnet(webui: WebUI, base: dict, size: int, plain: np.ndarray) -> Check:
     try:
         models = [m for m in webui.call("/controlnet/model_list").get("model_list", []) if m and m != "None"]
     except (urllib.error.URLError, ValueError):
@@ -241,6 +241,8 @@ def _controlnet(webui: WebUI, base: dict, size: int) -> Check:
     unit = {"enabled": True, "module": "none", "model": models[0], "image": pose_image(size, size), "weight": 1.0}
     controlnet = {"ControlNet": {"args": [unit]}}
     pose_only = webui.txt2img({**base, "alwayson_scripts": controlnet})
+    if np.array_equal(pose_only.image, plain):  # e.g. an SD1.5 ControlNet on an SDXL checkpoint
+        return Check("controlnet", "SKIP", f"{models[0]} changes nothing on this checkpoint (another base model?)")
     both = webui.txt2img({**base, "alwayson_scripts": {**controlnet, **garment_args()}})
     if both.dressed and not np.array_equal(both.image, pose_only.image):
         return Check("controlnet", "PASS", f"{models[0]} (module none) and AnyDressing in one generation")
