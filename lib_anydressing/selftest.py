@@ -238,14 +238,16 @@ def _controlnet(webui: WebUI, base: dict, size: int, plain: np.ndarray) -> Check
         return Check("controlnet", "SKIP", "no ControlNet API in this WebUI")
     if not models:
         return Check("controlnet", "SKIP", "ControlNet is there but has no model")
-    unit = {"enabled": True, "module": "none", "model": models[0], "image": pose_image(size, size), "weight": 1.0}
+    modules = webui.call("/controlnet/module_list").get("module_list", [])
+    none = next((m for m in modules if m.lower() == "none"), "none")  # A1111's extension: none; Forge's: None
+    unit = {"enabled": True, "module": none, "model": models[0], "image": pose_image(size, size), "weight": 1.0}
     controlnet = {"ControlNet": {"args": [unit]}}
     pose_only = webui.txt2img({**base, "alwayson_scripts": controlnet})
     if np.array_equal(pose_only.image, plain):  # e.g. an SD1.5 ControlNet on an SDXL checkpoint
         return Check("controlnet", "SKIP", f"{models[0]} changes nothing on this checkpoint (another base model?)")
     both = webui.txt2img({**base, "alwayson_scripts": {**controlnet, **garment_args()}})
     if both.dressed and not np.array_equal(both.image, pose_only.image):
-        return Check("controlnet", "PASS", f"{models[0]} (module none) and AnyDressing in one generation")
+        return Check("controlnet", "PASS", f"{models[0]} (module {unit['module']}) and AnyDressing in one generation")
     return Check("controlnet", "FAIL", both.problems or "the garments changed nothing under ControlNet", PROBLEM)
 
 
