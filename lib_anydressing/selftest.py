@@ -125,10 +125,9 @@ def pose_image(width: int, height: int) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def run(webui: WebUI, size: int, steps: int, seed: int) -> Report:
+def run(webui: WebUI, report: Report, size: int, steps: int, seed: int) -> None:
     """All checks, in an order where each one's state is known: the plain image first and last."""
-    options = webui.call("/sdapi/v1/options")
-    report = Report(webui.url, str(options.get("sd_model_checkpoint", "?")))
+    report.checkpoint = str(webui.call("/sdapi/v1/options").get("sd_model_checkpoint", "?"))
     base = {"prompt": "a person standing, full body", "negative_prompt": "", "seed": seed, "steps": steps,
             "width": size, "height": size, "cfg_scale": 5, "sampler_name": "Euler", "batch_size": 1}  # fmt: skip
     add = report.checks.append
@@ -136,7 +135,7 @@ def run(webui: WebUI, size: int, steps: int, seed: int) -> Report:
     scripts = webui.call("/sdapi/v1/scripts")
     if "anydressing" not in [name.lower() for name in scripts.get("txt2img", [])]:
         add(Check("extension loaded", "FAIL", f"txt2img scripts: {scripts.get('txt2img')}", INSTALL))
-        return report
+        return
     add(Check("extension loaded", "PASS", "AnyDressing is an always-on txt2img script"))
 
     plain = webui.txt2img(base)
@@ -180,7 +179,6 @@ def run(webui: WebUI, size: int, steps: int, seed: int) -> Report:
         add(Check("model untouched", "PASS", "the plain image at the end is pixel-identical to the first"))
     else:
         add(Check("model untouched", "FAIL", f"mean change {_mean_change(plain.image, last.image):.2f}", UNTOUCHED))
-    return report
 
 
 def _same(add: Callable[[Check], None], name: str, got: Generation, want: Generation, what: str) -> None:
@@ -242,7 +240,10 @@ def _controlnet(webui: WebUI, base: dict, size: int, plain: np.ndarray) -> Check
     none = next((m for m in modules if m.lower() == "none"), "none")  # A1111's extension: none; Forge's: None
     unit = {"enabled": True, "module": none, "model": models[0], "image": pose_image(size, size), "weight": 1.0}
     controlnet = {"ControlNet": {"args": [unit]}}
-    pose_only = webui.txt2img({**base, "alwayson_scripts": controlnet})
+    try:
+        pose_only = webui.txt2img({**base, "alwayson_scripts": controlnet})
+    except urllib.error.HTTPError as e:  # ControlNet failing on its own, without AnyDressing
+        return Check("controlnet", "SKIP", f"{models[0]} alone fails here ({e}): a model for another base?")
     if np.array_equal(pose_only.image, plain):  # e.g. an SD1.5 ControlNet on an SDXL checkpoint
         return Check("controlnet", "SKIP", f"{models[0]} changes nothing on this checkpoint (another base model?)")
     both = webui.txt2img({**base, "alwayson_scripts": {**controlnet, **garment_args()}})
@@ -302,8 +303,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     webui = WebUI(args.url, args.timeout)
+    report = Report(webui.url, "?")
     try:
-        report = run(webui, args.size, args.steps, args.seed)
+        run(webui, report, args.size, args.steps, args.seed)
+    except urllib.error.HTTPError as e:  # a request the WebUI could not serve: the checks so far still count
+        report.checks.append(Check("aborted", "FAIL", f"the WebUI answered {e}", "see the WebUI's console output"))
     except (urllib.error.URLError, OSError) as e:
         print(f"cannot reach the WebUI's API at {args.url}: {e}. Start it with --api.", file=sys.stderr)
         return 1

@@ -34,6 +34,7 @@ def test_the_selftest_request_is_what_the_extension_reads():
 
 class FakeWebUI(BaseHTTPRequestHandler):
     history_leaks = False  # a WebUI whose dressed images depend on the request before
+    broken_controlnet = False  # ControlNet listed, but its model fails every request (Forge: SD1.5 on SDXL)
     last = b""
     step = 0
     interrupted = threading.Event()
@@ -56,6 +57,9 @@ class FakeWebUI(BaseHTTPRequestHandler):
             "/sdapi/v1/progress?skip_current_image=true": {"progress": 0.1, "state": {"sampling_step": FakeWebUI.step}},
             "/openapi.json": {"components": {}},
         }
+        if FakeWebUI.broken_controlnet:
+            answers["/controlnet/model_list"] = {"model_list": ["None", "control_sd15 [abc]"]}
+            answers["/controlnet/module_list"] = {"module_list": ["None", "canny"]}
         self._send(answers.get(self.path, {"detail": "Not Found"}), 200 if self.path in answers else 404)
 
     def do_POST(self):
@@ -63,6 +67,8 @@ class FakeWebUI(BaseHTTPRequestHandler):
         if self.path == "/sdapi/v1/interrupt":
             FakeWebUI.interrupted.set()
             return self._send(None)
+        if "ControlNet" in body.get("alwayson_scripts", {}):
+            return self._send({"error": "RuntimeError", "detail": "mat1 and mat2 shapes cannot be multiplied"}, 500)
         self._send(self._txt2img(body))
 
     def _txt2img(self, body):
@@ -97,7 +103,7 @@ def webui():
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
-    FakeWebUI.history_leaks = False
+    FakeWebUI.history_leaks = FakeWebUI.broken_controlnet = False
 
 
 def _run(url, capsys, *extra):
@@ -124,3 +130,11 @@ def test_features_that_depend_on_history_fail_with_what_to_do(webui, capsys):
     assert code == 1
     failed = [line for line in out.splitlines() if line.strip().startswith("FAIL")]
     assert any("determinism" in line for line in failed) and "what to do" in out
+
+
+def test_a_controlnet_that_fails_by_itself_is_skipped_and_the_rest_still_reported(webui, capsys):
+    FakeWebUI.broken_controlnet = True
+    code, out = _run(webui, capsys, "--json")
+    statuses = {c["name"]: (c["status"], c["detail"]) for c in json.loads(out)["checks"]}
+    assert code == 0 and statuses["controlnet"][0] == "SKIP" and "500" in statuses["controlnet"][1]
+    assert statuses["model untouched"][0] == "PASS"
