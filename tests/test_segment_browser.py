@@ -79,11 +79,8 @@ def test_brush_stroke_subtracts_from_the_mask(brush_server):
     url, tmp = brush_server
     write_photo(tmp / "photo.png")
     with browser_page(url, height=1600) as page:
-        upload_and_click_garment(page, tmp / "photo.png")
-        page.get_by_text("Brush: paint over the preview").click()
-        page.get_by_role("button", name="Load the preview to paint on").click()
-        page.wait_for_timeout(2000)
-        _paint_line(page, 0.5)
+        _open_brush(page, tmp)
+        _load_preview_and_paint(page, 0.5)
         _press_and_wait_for_the_preview(page, "Subtract strokes from the mask")
         page.locator("#anydressing_segment_preview img").screenshot(path=str(tmp / "brushed.png"))
     shot = np.asarray(Image.open(tmp / "brushed.png").convert("RGB")).astype(int)
@@ -92,6 +89,18 @@ def test_brush_stroke_subtracts_from_the_mask(brush_server):
     off_stroke = shot[h // 3 - 3 : h // 3 + 3, w // 2 - 3 : w // 2 + 3].reshape(-1, 3).mean(0)
     assert on_stroke[0] > 180 and on_stroke[2] < 90, f"under the stroke the garment is out of the mask: {on_stroke}"
     assert off_stroke[2] > 120, f"elsewhere the garment stays in the mask: {off_stroke}"
+
+
+def _open_brush(page, tmp: Path) -> None:
+    """The photo segmented by one click, and the Brush accordion open."""
+    upload_and_click_garment(page, tmp / "photo.png")
+    page.get_by_text("Brush: paint over the preview").click()
+
+
+def _load_preview_and_paint(page, fraction_y: float) -> None:
+    page.get_by_role("button", name="Load the preview to paint on").click()
+    page.wait_for_timeout(2000)
+    _paint_line(page, fraction_y)
 
 
 def _paint_line(page, fraction_y: float) -> None:
@@ -125,14 +134,11 @@ def test_brush_stroke_adds_to_the_mask(brush_server):
     url, tmp = brush_server
     write_photo(tmp / "photo.png")
     with browser_page(url, height=1600) as page:
-        upload_and_click_garment(page, tmp / "photo.png")
-        page.get_by_text("Brush: paint over the preview").click()
+        _open_brush(page, tmp)
         page.get_by_role("button", name="Add strokes to the mask").click()
         status = page.locator("#anydressing_segment_status")
         status.get_by_text("no brush strokes").wait_for(timeout=10000)  # nothing painted yet: said so
-        page.get_by_role("button", name="Load the preview to paint on").click()
-        page.wait_for_timeout(2000)
-        _paint_line(page, 0.1)  # over the grey above the ellipse
+        _load_preview_and_paint(page, 0.1)  # over the grey above the ellipse
         _press_and_wait_for_the_preview(page, "Add strokes to the mask")
         assert "no brush strokes" not in status.last.inner_text()
         page.locator("#anydressing_segment_preview img").screenshot(path=str(tmp / "added.png"))
