@@ -51,8 +51,78 @@ def _dress_layer(unet, layer, feats, proj, **kw):
             for n in self_attention_layers(unet)
         },
         feats.n_garments,
+        feats.latent_hw,
     )
     return Dresser(unet, full, proj, **kw)
+
+
+def _windows(f, grid, s):
+    """Each s x s window of an (N, h*w, C) token grid, row by row: (means (N, T', C), token counts (T',))."""
+    n, _, c = f.shape
+    h, w = grid
+    g = f.reshape(n, h, w, c)
+    corners = [(top, left) for top in range(0, h, s) for left in range(0, w, s)]
+    windows = [g[:, top : top + s, left : left + s].reshape(n, -1, c) for top, left in corners]
+    return torch.stack([win.mean(1) for win in windows], 1), torch.tensor([float(win.shape[1]) for win in windows])
+
+
+@pytest.mark.parametrize("grid", [(4, 6), (5, 6)])  # 5 rows: the bottom windows hold 2 tokens, not 4
+def test_pooled_additive_is_equation_6_over_pooled_tokens(layer_unet, grid):
+    """Eq. 6 with K'/V' from the window means, each mean standing for its tokens (logit + log count)."""
+    unet, layer = layer_unet
+    attn, h = layer.attn, layer.attn.heads
+    proj = DressingProjections.from_unet(unet)
+    wk, wv = proj.pair(layer.name)
+    torch.nn.init.normal_(wk.weight, std=0.3)
+    torch.nn.init.normal_(wv.weight, std=0.3)
+    f = torch.randn(2, grid[0] * grid[1], layer.dim, generator=torch.Generator().manual_seed(5))
+    feats = GarmentFeatures({layer.name: f}, 2, grid)  # the only layer with more than 16 tokens: the finest
+    x = torch.randn(3, 20, layer.dim)
+    lam, w = 0.7, [1.0, 0.4]
+    with torch.no_grad(), _dress_layer(unet, layer, feats, proj, strength=lam, weights=w, fine_pool=2) as dresser:
+        got = attn(x)
+        means, counts = _windows(f, grid, 2)
+        t = means.shape[1]
+        f_all = means.reshape(1, 2 * t, -1)
+        q, k, v = (_heads(attn.to_q(x), h), _heads(attn.to_k(x), h), _heads(attn.to_v(x), h))
+        kp = _heads(wk(f_all), h)
+        vp = _heads(wv(f_all) * torch.tensor([w[0]] * t + [w[1]] * t)[None, :, None], h)
+        z = _softmax_attn(q, k, v) + lam * _softmax_attn(q, kp, vp, counts.log().repeat(2))
+        want = attn.to_out(_unheads(z))
+        assert dresser.garment_tokens[layer.name] == 2 * t < f.shape[1] * 2
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pool", [2, 4])
+@pytest.mark.parametrize("additive", [True, False])
+def test_pooling_windows_of_equal_tokens_changes_nothing(layer_unet, additive, pool):
+    """s x s equal keys in a softmax weigh as one key with log(s * s) added: pooled equals full."""
+    unet, layer = layer_unet
+    coarse = torch.randn(2, 2, 3, layer.dim, generator=torch.Generator().manual_seed(6))
+    fine = coarse.repeat_interleave(pool, 1).repeat_interleave(pool, 2).reshape(2, -1, layer.dim)
+    feats = GarmentFeatures({layer.name: fine}, 2, (2 * pool, 3 * pool))
+    proj = DressingProjections.from_unet(unet) if additive else None
+    x = torch.randn(2, 12, layer.dim, generator=torch.Generator().manual_seed(7))
+    outs = []
+    for fine_pool in (1, pool):
+        dresser = _dress_layer(unet, layer, feats, proj, strength=1.3, weights=[1.0, 0.5], fine_pool=fine_pool)
+        with torch.no_grad(), dresser:
+            outs.append(layer.attn(x))
+    assert (outs[0] - layer.attn(x)).abs().max() > 1e-3  # the garments do act
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+
+
+def test_only_the_finest_layers_are_pooled(unet, garments):
+    with torch.no_grad():
+        feats = GarmentsNet(unet, shared=True).extract(garments)
+    full = Dresser(unet, feats, None)
+    full.prepare()
+    pooled = Dresser(unet, feats, None, fine_pool=2)
+    pooled.prepare()
+    finest = max(full.garment_tokens.values())
+    assert finest == garments.shape[0] * garments.shape[2] * garments.shape[3]  # SD1.5 attends at latent size
+    for name, n in full.garment_tokens.items():
+        assert pooled.garment_tokens[name] == (n // 4 if n == finest else n), name
 
 
 def test_additive_matches_equation_6(layer_unet):

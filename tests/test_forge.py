@@ -237,6 +237,7 @@ def test_forge_dressing_equals_the_a1111_path(setup, tmp_path, additive, cond_or
         strength=session.strength,
         weights=prepared.weights,
         regions=prepared.regions,
+        fine_pool=session.opts.fine_pool,
     )
     controller.finish(unet)
     with reference, torch.no_grad():  # the A1111 path: forward patches on the ldm modules, ldm's attention
@@ -394,7 +395,13 @@ def test_garment_guidance_on_forge(setup):
     at_scale_1 = cfg_step(clone, x, t, [cond], [uncond], 1.0)
     session, prepared = controller.session, controller.session.prepared
     reference = Dresser(
-        unet, prepared.features, None, strength=session.strength, weights=prepared.weights, regions=prepared.regions
+        unet,
+        prepared.features,
+        None,
+        strength=session.strength,
+        weights=prepared.weights,
+        regions=prepared.regions,
+        fine_pool=session.opts.fine_pool,
     )
     controller.finish(unet)
     with torch.no_grad():

@@ -74,9 +74,16 @@ def test_bad_garments_are_named(garment, message):
 
 
 def test_bad_general_values():
-    opts = from_api({"enabled": True, "strength": "x", "start": 0.8, "end": 0.2, "resolution": 20, "sampler": 1})
+    opts = from_api(
+        {"enabled": True, "strength": "x", "start": 0.8, "end": 0.2, "resolution": 20, "detail": 9, "fine_pool": 3,
+         "sampler": 1}
+    )  # fmt: skip
     joined = " | ".join(opts.problems)
-    for part in ("strength must be a number", "range is empty", "garment resolution 20.0 is outside", "sampler"):
+    expected = (
+        "strength must be a number", "range is empty", "garment resolution 20 is below 128", "sampler",
+        "garment detail 9.0 is outside 0.25..4.0", "fine-layer pooling 3 is not one of 1, 2, 4",
+    )  # fmt: skip
+    for part in expected:
         assert part in joined
 
 
@@ -92,10 +99,40 @@ def test_mask_of_same_shape_other_size_is_resized():
     assert opts.problems == [] and opts.slots[0].mask.size == (80, 40)
 
 
-def test_garment_canvas_keeps_aspect_in_multiples_of_64():
-    assert garment_canvas((512, 768), 512) == (320, 512)
-    assert garment_canvas((768, 512), 384) == (384, 256)
-    assert garment_canvas((64, 4096), 128) == (64, 128)
+def test_garment_canvas_with_a_resolution_keeps_aspect_in_multiples_of_64():
+    one = _slots(1)
+    assert garment_canvas((512, 768), one, 512) == (320, 512)
+    assert garment_canvas((768, 512), one, 384) == (384, 256)
+    assert garment_canvas((64, 4096), one, 128) == (64, 128)
+
+
+def _slots(n: int, boxes=None):
+    boxes = boxes or [None] * n
+    values = [{"image": Image.new("RGB", (8, 8)), **({"region": "box", "box": b} if b else {})} for b in boxes]
+    return from_values({"enabled": True}, values).slots
+
+
+@pytest.mark.parametrize(
+    ("target", "n", "detail", "canvas"),
+    [
+        ((512, 768), 1, 1.0, (512, 768)),  # one garment may cover the whole image
+        ((512, 768), 2, 1.0, (320, 512)),  # half each: 362x543 px, floored to multiples of 64
+        ((512, 768), 4, 1.0, (256, 384)),  # a quarter each
+        ((512, 768), 2, 2.0, (512, 768)),  # detail 2: twice the pixels
+        ((256, 256), 2, 1.0, (128, 128)),  # 181 px a side: floored
+        ((1024, 1024), 2, 1.0, (704, 704)),  # SDXL size: 724 px a side
+        ((128, 128), 4, 0.25, (64, 64)),  # never below one 64-pixel block
+    ],
+)
+def test_token_budget_ties_the_canvas_to_the_image(target, n, detail, canvas):
+    assert garment_canvas(target, _slots(n), 0, detail) == canvas
+
+
+def test_token_budget_of_garments_with_regions_is_the_area_they_cover():
+    slots = _slots(2, [[0, 0, 1, 0.5], [0.4, 0, 0.6, 0.1]])  # a top on the upper half, a hat on 2% of the image
+    w, h = garment_canvas((512, 768), slots)
+    assert (w, h) == (256, 384)  # together 52% of 512x768 = 204472 px: 2 x 261x392 px, floored
+    assert 2 * w * h <= 0.52 * 512 * 768
 
 
 def test_region_masks_and_batch():

@@ -19,7 +19,14 @@ import pytest
 import torch
 from PIL import Image
 
-from lib_anydressing.engine import AnyDressingModel, Dresser, DressingProjections, ModelInfo, save_checkpoint
+from lib_anydressing.engine import (
+    AnyDressingModel,
+    Dresser,
+    DressingProjections,
+    GarmentsNet,
+    ModelInfo,
+    save_checkpoint,
+)
 from lib_anydressing.engine.sd_unet import reinitialise
 from lib_anydressing.generation.options import from_api, from_script_args, script_arg_names
 from lib_anydressing.model_files import TRAINING_FREE
@@ -184,7 +191,13 @@ def test_conditional_rows_marked_in_every_layout(setup, mode, repeats):
     # reference: the same features and settings, conditional rows named explicitly, one call
     prepared, n_cond = session.prepared, sum(repeats)
     reference = Dresser(
-        unet, prepared.features, None, strength=session.strength, weights=prepared.weights, regions=prepared.regions
+        unet,
+        prepared.features,
+        None,
+        strength=session.strength,
+        weights=prepared.weights,
+        regions=prepared.regions,
+        fine_pool=session.opts.fine_pool,
     )
     with reference:
         reference.cond_rows = list(range(n_cond))
@@ -253,6 +266,24 @@ def test_feature_cache_skips_garments_net_on_regeneration(setup):
     controller.finish(unet)
 
 
+def test_hires_pass_reuses_the_features_and_dresses_the_larger_latent(setup, monkeypatch):
+    """A1111 runs the hires pass inside the same sample() call: no second process_batch, and no second
+    GarmentsNet pass, while the garments (and their regions) act on the upscaled latent."""
+    controller, p, unet = setup
+    extract = GarmentsNet.extract
+    calls = []
+    monkeypatch.setattr(GarmentsNet, "extract", lambda *a, **k: calls.append(1) or extract(*a, **k))
+    x, cond, uncond = _batch([1])
+    big = torch.nn.functional.interpolate(x, scale_factor=2)
+    plain = cfg_step(controller, unet, big, cond, uncond, [1], 0, 2, "one_call")
+    start(controller, p, _opts())
+    cfg_step(controller, unet, x, cond, uncond, [1], 3, 4, "one_call")  # the first pass's last step
+    hires = cfg_step(controller, unet, big, cond, uncond, [1], 0, 2, "one_call")  # the second pass
+    controller.finish(unet)
+    assert len(calls) == 1
+    assert (hires[:1] - plain[:1]).abs().max() > 1e-3 and torch.equal(hires[1:], plain[1:])
+
+
 def test_dressing_range_follows_steps(setup):
     controller, p, unet = setup
     x, cond, uncond = _batch([1])
@@ -282,6 +313,10 @@ def test_infotext_round_trip(setup):
     controller.finish(unet)
     values = pasted({k: str(v) for k, v in p.extra_generation_params.items()}, n_slots=4)
     assert (values["garment_guidance_enabled"], values["garment_guidance"]) == (True, 2.5)
+    start(controller, p, _opts(detail=1.5, fine_pool=4))
+    controller.finish(unet)
+    values = pasted({k: str(v) for k, v in p.extra_generation_params.items()}, n_slots=4)
+    assert (values["resolution"], values["detail"], values["fine_pool"]) == (0, 1.5, "4")
     assert pasted({"Steps": "20"}, 4) == {}
     gap = pasted({"AnyDressing model": "x", "AnyDressing garments": "3:hat:ab:0.5:none"}, 4)
     assert gap["slot2_category"] == "hat" and "slot0_category" not in gap  # slot numbers survive gaps
@@ -477,7 +512,13 @@ def test_garment_guidance_gives_magicclothing_joint_guidance(setup):
     # the three predictions MagicClothing combines, computed row by row with explicit garments
     prepared = session.prepared
     reference = Dresser(
-        unet, prepared.features, None, strength=session.strength, weights=prepared.weights, regions=prepared.regions
+        unet,
+        prepared.features,
+        None,
+        strength=session.strength,
+        weights=prepared.weights,
+        regions=prepared.regions,
+        fine_pool=session.opts.fine_pool,
     )
     t = torch.full((2,), 500.0)
     with torch.no_grad():

@@ -7,6 +7,8 @@ Two ways to attend to the garments, chosen by whether projections are given:
 - joint (training-free): the garment tokens, projected by the layer's own W_k/W_v, join the frozen
   self-attention's keys and values (reference-only style); strength and weights are logit offsets.
 K'/V' depend only on the garments, so they are computed once at install, not at every step.
+`fine_pool` s > 1 pools the garment tokens of the finest layers in s x s windows (token_pool.py):
+those layers hold most of the garment tokens and most of the attention cost.
 
 Both ways are written once, on already-projected queries (and the layer's own keys/values), returning
 the attention output before to_out. The A1111 path (a forward patch on each attn1) projects and
@@ -29,6 +31,7 @@ from .forward_patch import ForwardPatch
 from .garments_net import GarmentFeatures
 from .projections import DressingProjections
 from .regions import garment_bias
+from .token_pool import POOL_CHOICES, pool_tokens
 from .unet_layers import SelfAttentionLayer, self_attention_layers, token_grid
 
 _MARKER = "_anydressing_dresser"
@@ -42,6 +45,7 @@ class _LayerState:
     features: Tensor  # F_all, (1, N * T, C)
     k: Tensor | None = None  # (1, heads, N * T, d), cached unless recompute_kv
     v: Tensor | None = None
+    log_count: Tensor | None = None  # (N * T,) logit offsets of pooled tokens, where they change the softmax
 
 
 class Dresser:
@@ -65,6 +69,7 @@ class Dresser:
         regions: Sequence[Tensor | None] | None = None,
         record_attention_mass: bool = False,
         recompute_kv: bool = False,
+        fine_pool: int = 1,
     ) -> None:
         n = features.n_garments
         self.weights = [1.0] * n if weights is None else [float(w) for w in weights]
@@ -73,12 +78,17 @@ class Dresser:
             raise ValueError(f"{n} garments but {len(self.weights)} weights and {len(self.regions)} regions")
         if any(w < 0 for w in self.weights) or strength < 0:
             raise ValueError("strength and garment weights must be >= 0")
+        if fine_pool not in POOL_CHOICES:
+            raise ValueError(f"fine_pool must be one of {POOL_CHOICES}, not {fine_pool}")
+        if fine_pool > 1 and features.latent_hw is None:
+            raise ValueError("pooling needs the garment latents' size (GarmentFeatures.latent_hw)")
         self.unet = unet
         self.features = features
         self.projections = projections
         self.strength = float(strength)
         self.record_attention_mass = record_attention_mass
         self.recompute_kv = recompute_kv
+        self.fine_pool = fine_pool
         self.cond_rows: Sequence[int] | None = None
         self.cond_batch: int | None = None
         self.active = True
@@ -95,6 +105,11 @@ class Dresser:
     def installed(self) -> bool:
         return bool(self._patches)
 
+    @property
+    def garment_tokens(self) -> dict[str, int]:
+        """Garment tokens each prepared layer attends over (all garments, after pooling)."""
+        return {} if self._states is None else {n: s.features.shape[1] for n, s in self._states.items()}
+
     def prepare(self) -> dict[str, SelfAttentionLayer]:
         """Check features and projections against the UNet and compute the garment K/V, patching nothing.
 
@@ -110,7 +125,8 @@ class Dresser:
                 absent = [layer.name for layer in layers if layer.name not in self.projections.layer_names]
                 if absent:
                     raise ValueError(f"Dressing-Attention projections lack layers {absent[:3]}")
-            self._states = {layer.name: self._layer_state(layer) for layer in layers}
+            finest = max(self.features.per_layer[layer.name].shape[1] for layer in layers)
+            self._states = {layer.name: self._layer_state(layer, finest) for layer in layers}
         return {name: state.layer for name, state in self._states.items()}
 
     def install(self) -> Dresser:
@@ -150,10 +166,18 @@ class Dresser:
 
     # --- per layer -----------------------------------------------------------------------------
 
-    def _layer_state(self, layer: SelfAttentionLayer) -> _LayerState:
+    def _layer_state(self, layer: SelfAttentionLayer, finest: int) -> _LayerState:
         f = self.features.per_layer[layer.name]
         f = f[self._kept] if len(self._kept) < f.shape[0] else f
-        state = _LayerState(layer, f.reshape(1, -1, f.shape[-1]))
+        log_count = None
+        if self.fine_pool > 1 and f.shape[1] == finest:
+            assert self.features.latent_hw is not None
+            f, counts = pool_tokens(f, token_grid(f.shape[1], self.features.latent_hw), self.fine_pool)
+            # joint: the frozen tokens share the softmax, so the offset always counts; additive: only
+            # unequal windows (a grid not divisible by s) change a softmax over garment tokens alone
+            if self.projections is None or bool((counts != counts[0]).any()):
+                log_count = counts.log().repeat(f.shape[0])
+        state = _LayerState(layer, f.reshape(1, -1, f.shape[-1]), log_count=log_count)
         if not self.recompute_kv:
             state.k, state.v = self._garment_kv(state)
         return state
@@ -182,12 +206,13 @@ class Dresser:
         """
         joint = self.projections is None
         has_regions = any(self.regions[i] is not None for i in self._kept)
-        if not has_regions and not joint:
+        if not has_regions and not joint and state.log_count is None:
             return None, None
         if has_regions and self._latent_hw is None:
             raise RuntimeError("region masks need the UNet called as a module (its latent size is unknown)")
         n_garment_tokens = state.features.shape[1]
-        key = (n_query, n_garment_tokens, self._latent_hw if has_regions else None, device, dtype)
+        pooled = state.log_count is not None
+        key = (n_query, n_garment_tokens, self._latent_hw if has_regions else None, pooled, device, dtype)
         if key not in self._biases:
             grid = token_grid(n_query, self._latent_hw) if has_regions else (1, 1)
             offsets = [math.log(self.strength * self.weights[i]) for i in self._kept] if joint else None
@@ -195,6 +220,8 @@ class Dresser:
             bias, valid = garment_bias(
                 regions, grid, n_garment_tokens // len(self._kept), offsets, with_own_tokens=joint
             )
+            if pooled:
+                bias = bias + state.log_count.to(bias.device)
             self._biases[key] = (bias.to(device, dtype), valid.to(device, dtype) if has_regions and not joint else None)
         return self._biases[key]
 

@@ -28,10 +28,15 @@ CROSS_ATTENTION_MODES = ("skip", "empty_prompt")
 
 @dataclass
 class GarmentFeatures:
-    """Per-layer garment tokens, (N, T_layer, C), in the target UNet's dtype and device."""
+    """Per-layer garment tokens, (N, T_layer, C), in the target UNet's dtype and device.
+
+    `latent_hw` is the garment latents' size, from which each layer's token grid follows (needed to
+    pool tokens; None where the features did not come from latents).
+    """
 
     per_layer: dict[str, Tensor]
     n_garments: int
+    latent_hw: tuple[int, int] | None = None
 
 
 class _StopExtraction(Exception):
@@ -151,7 +156,7 @@ class GarmentsNet(nn.Module):
             for patch in reversed(patches):
                 patch.restore()
         per_layer = {name: f.to(device=device, dtype=dtype) for name, f in captured.items()}
-        return GarmentFeatures(per_layer, n)
+        return GarmentFeatures(per_layer, n, (latents.shape[-2], latents.shape[-1]))
 
     def _patches(self, captured: dict[str, Tensor], slots: Tensor) -> list[ForwardPatch]:
         patches: list[ForwardPatch] = []

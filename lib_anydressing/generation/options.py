@@ -12,13 +12,16 @@ from typing import Any
 
 from PIL import Image
 
+from ..engine.token_pool import POOL_CHOICES
 from ..images import ImageInputError, load_image, to_rgb_and_mask
 from ..model_files import TRAINING_FREE
 
 CATEGORIES = ("upper", "lower", "dress", "hat", "shoes", "bag", "other")
 REGIONS = ("none", "mask", "box")
 SLOT_FIELDS = ("image", "mask", "category", "weight", "region", "box")
-GENERAL_FIELDS = ("enabled", "model", "strength", "start", "end", "resolution", "garment_guidance")
+GENERAL_FIELDS = (
+    "enabled", "model", "strength", "start", "end", "resolution", "detail", "fine_pool", "garment_guidance"
+)  # fmt: skip
 
 
 @dataclass
@@ -48,7 +51,9 @@ class DressingOptions:
     strength: float | None = None  # None: the model's default
     start: float = 0.0  # fraction of the sampling steps where dressing begins
     end: float = 1.0
-    resolution: int = 512  # long side of the garment canvas, in pixels
+    resolution: int = 0  # long side of the garment canvas in pixels; 0: the token budget (prepare.garment_canvas)
+    detail: float = 1.0  # the token budget's factor: garment pixels per pixel of the image they cover
+    fine_pool: int = 2  # garment tokens pooled in s x s windows at the finest layers (engine/token_pool.py)
     garment_guidance: float | None = None  # MagicClothing-style separate garment scale; None: off
     slots: list[GarmentSlot] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
@@ -70,8 +75,16 @@ def from_values(general: dict[str, Any], slot_values: list[dict[str, Any]]) -> D
     opts.end = 1.0 if end is None else end
     if opts.start >= opts.end:
         problems.append(f"the dressing range is empty: start {opts.start} is not before end {opts.end}")
-    resolution = _number(general.get("resolution", 512), "garment resolution", problems, low=128, high=1536)
-    opts.resolution = int(resolution or 512)
+    resolution = _number(general.get("resolution", 0), "garment resolution", problems, low=0, high=1536)
+    if resolution and resolution < 128:
+        problems.append(f"garment resolution {resolution:g} is below 128 (0 follows the image size)")
+    opts.resolution = int(resolution or 0)
+    detail = _number(general.get("detail", 1.0), "garment detail", problems, low=0.25, high=4.0)
+    opts.detail = 1.0 if detail is None else detail
+    pool = _number(general.get("fine_pool", 2), "fine-layer pooling", problems, low=1, high=4)
+    if pool is not None and pool not in POOL_CHOICES:
+        problems.append(f"fine-layer pooling {pool:g} is not one of {', '.join(map(str, POOL_CHOICES))}")
+    opts.fine_pool = int(pool) if pool in POOL_CHOICES else 2
     guidance = general.get("garment_guidance")
     opts.garment_guidance = _number(guidance, "garment guidance", problems, low=0.0, high=30.0, optional=True) or None
     for index, values in enumerate(slot_values, start=1):
@@ -197,7 +210,8 @@ def from_script_args(args: Sequence[Any], n_slots: int) -> DressingOptions:
 
 def script_arg_names(n_slots: int) -> list[str]:
     """The order of the values the UI hands to the script: general settings, then each slot's."""
-    general = ["enabled", "model", "strength", "start", "end", "resolution", "garment_guidance_enabled"]
+    general = ["enabled", "model", "strength", "start", "end", "resolution", "detail", "fine_pool"]
+    general.append("garment_guidance_enabled")
     general.append("garment_guidance")
     per_slot = ["image", "mask", "category", "weight", "region", "box_x0", "box_y0", "box_x1", "box_y1"]
     return general + [f"slot{i}_{name}" for i in range(n_slots) for name in per_slot]

@@ -18,11 +18,34 @@ from ..images import ImageInputError, garment_tensor
 from .options import GarmentSlot
 
 
-def garment_canvas(target_wh: tuple[int, int], resolution: int) -> tuple[int, int]:
-    """(width, height) of the garment canvas: the target's aspect, long side ~ resolution, multiples of 64."""
+def garment_canvas(
+    target_wh: tuple[int, int], slots: Sequence[GarmentSlot], resolution: int = 0, detail: float = 1.0
+) -> tuple[int, int]:
+    """(width, height) of the one canvas all garments are drawn on: the target's aspect, multiples of 64.
+
+    `resolution` > 0 sets its long side. 0 ties it to the target (the token budget): the garments
+    together get at most as many pixels, so tokens at every UNet level, as the parts of the image they
+    are meant to cover, times `detail`. A garment with a region covers that region; one without covers
+    an equal share of the image. Each dressed layer attends over all garment tokens, so this keeps the
+    cost of dressing in proportion to the generation, whatever its size.
+    """
     w, h = target_wh
-    scale = resolution / max(w, h)
-    return max(64, round(w * scale / 64) * 64), max(64, round(h * scale / 64) * 64)
+    if resolution > 0:
+        scale = resolution / max(w, h)
+        return max(64, round(w * scale / 64) * 64), max(64, round(h * scale / 64) * 64)
+    covered = sum(_coverage(slot, len(slots)) for slot in slots) * detail
+    scale = math.sqrt(covered / max(len(slots), 1))
+    return max(64, math.floor(w * scale / 64) * 64), max(64, math.floor(h * scale / 64) * 64)
+
+
+def _coverage(slot: GarmentSlot, n_slots: int) -> float:
+    """The fraction of the image a garment is meant to cover: its region, else an equal share."""
+    if slot.region == "box" and slot.box is not None:
+        x0, y0, x1, y1 = slot.box
+        return (x1 - x0) * (y1 - y0)
+    if slot.region == "mask" and slot.mask is not None:
+        return float(np.asarray(slot.mask, dtype=np.float32).mean() / 255.0)
+    return 1.0 / n_slots
 
 
 def garment_batch(slots: Sequence[GarmentSlot], canvas_wh: tuple[int, int]) -> Tensor:

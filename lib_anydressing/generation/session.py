@@ -74,7 +74,7 @@ class DressingSession:
         """
         slots = self.opts.slots
         self.device, self.dtype = device, dtype
-        canvas = garment_canvas(target_wh, self.opts.resolution)
+        canvas = garment_canvas(target_wh, slots, self.opts.resolution, self.opts.detail)
         slot_ids = lora_slots(self.model, slots)
         key = content_key(slots, model_key, canvas, slot_ids, dtype, str(device), str(image_encoder_dir))
         latent_hw = (target_wh[1] // 8, target_wh[0] // 8)
@@ -116,6 +116,7 @@ class DressingSession:
             strength=self.strength,
             weights=self.prepared.weights,
             regions=self.prepared.regions,
+            fine_pool=self.opts.fine_pool,
         )
         return self.dresser
 

@@ -22,7 +22,8 @@ def infotext(opts: DressingOptions, model_label: str, strength: float) -> dict[s
         f"{PREFIX} model": model_label,
         f"{PREFIX} strength": f"{strength:g}",
         f"{PREFIX} range": f"{opts.start:g}-{opts.end:g}",
-        f"{PREFIX} resolution": str(opts.resolution),
+        f"{PREFIX} resolution": str(opts.resolution) if opts.resolution else f"auto x{opts.detail:g}",
+        f"{PREFIX} fine pooling": str(opts.fine_pool),
         f"{PREFIX} garments": garments,
     }
     if opts.garment_guidance is not None:
@@ -35,10 +36,15 @@ def pasted(params: dict[str, str], n_slots: int) -> dict[str, object]:
     if f"{PREFIX} model" not in params:
         return {}
     values: dict[str, object] = {"enabled": True, "model": params[f"{PREFIX} model"].split(" [")[0] or TRAINING_FREE}
-    for key, name in (("strength", "strength"), ("resolution", "resolution")):
+    for key, name in (("strength", "strength"), ("resolution", "resolution"), ("fine pooling", "fine_pool")):
         number = _float(params.get(f"{PREFIX} {key}"))
         if number is not None:
             values[name] = number
+    resolution = params.get(f"{PREFIX} resolution", "")
+    if resolution.startswith("auto x") and _float(resolution[6:]) is not None:
+        values["resolution"], values["detail"] = 0, _float(resolution[6:])
+    if "fine_pool" in values:
+        values["fine_pool"] = str(int(values["fine_pool"]))  # the UI's radio holds strings
     guidance = _float(params.get(GUIDANCE))
     values["garment_guidance_enabled"] = guidance is not None  # absent: the image was made without it
     if guidance is not None:

@@ -7,6 +7,7 @@ from typing import Any
 
 import gradio as gr
 
+from ..engine.token_pool import POOL_CHOICES
 from ..generation.options import CATEGORIES, REGIONS, script_arg_names
 from ..model_files import TRAINING_FREE, describe_model, list_models
 from .infotext import pasted
@@ -43,8 +44,15 @@ def build(elem_id, n_slots: int, dirs, refresh, tab: str = "txt2img") -> tuple[l
         model.input(lambda name: _describe(name, dirs), inputs=[model], outputs=[components["strength"], details])
         with gr.Row():
             components["resolution"] = gr.Slider(
-                256, 1024, 512, step=64, label="Garment resolution", elem_id=elem_id("resolution")
+                0, 1024, 0, step=64, label="Garment resolution (0: follow the image)", elem_id=elem_id("resolution")
             )
+            components["detail"] = gr.Slider(
+                0.25, 4.0, 1.0, step=0.25, label="Garment detail (with resolution 0)", elem_id=elem_id("detail")
+            )
+            components["fine_pool"] = gr.Radio(
+                [str(s) for s in POOL_CHOICES], value="2", label="Pool finest-layer garment tokens (s x s)",
+                elem_id=elem_id("fine_pool"),
+            )  # fmt: skip
         with gr.Row():
             components["garment_guidance_enabled"] = gr.Checkbox(
                 False, label="Garment guidance (separate scale, one more UNet row per image)", elem_id=elem_id("gg")
