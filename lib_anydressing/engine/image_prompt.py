@@ -2,8 +2,9 @@
 
 The Resampler (IP-Adapter-plus's perceiver) is rebuilt here under IMAGDressing's key names, so its
 `proj.*` weights load as they are. The CLIP vision tower is the user's local copy, in transformers
-format (e.g. IP-Adapter's `models/image_encoder`); nothing is downloaded. Without it, the
-empty-prompt embedding stands in, and the caller is told so.
+format (e.g. IP-Adapter's `models/image_encoder`); nothing is downloaded, and its weights are read
+without running pickled code (`pretrained.load_pretrained`). Without it, the empty-prompt embedding
+stands in, and the caller is told so.
 """
 
 from __future__ import annotations
@@ -11,17 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from ..pretrained import load_pretrained
+
 if TYPE_CHECKING:
     from .checkpoint import AnyDressingModel
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class ImagePromptError(ValueError):
@@ -105,13 +104,20 @@ class ImagePromptEncoder:
     """A local CLIP vision model (transformers format) plus a Resampler: garment images -> contexts."""
 
     def __init__(self, encoder_dir: str | Path, resampler: Resampler) -> None:
+        encoder_dir = Path(encoder_dir)
         try:
-            from transformers import CLIPVisionModelWithProjection
+            from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-            self.vision = CLIPVisionModelWithProjection.from_pretrained(str(encoder_dir), local_files_only=True)
-        except (OSError, ValueError, ImportError) as e:
+            self.vision = load_pretrained(encoder_dir, CLIPVisionModelWithProjection)
+            if (encoder_dir / "preprocessor_config.json").is_file():
+                self.processor = CLIPImageProcessor.from_pretrained(encoder_dir, local_files_only=True)
+            else:  # IP-Adapter's image_encoder has none; the defaults are OpenAI CLIP's, at the model's size
+                size = self.vision.config.image_size
+                self.processor = CLIPImageProcessor(
+                    size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+                )
+        except (OSError, ValueError, ImportError) as e:  # load_pretrained's WeightsFileError is a ValueError
             raise ImagePromptError(f"no usable CLIP image encoder in '{encoder_dir}': {e}") from e
-        self.vision.eval().requires_grad_(False)
         width = self.vision.config.hidden_size
         if resampler.proj_in.in_features != width:
             raise ImagePromptError(
@@ -119,26 +125,13 @@ class ImagePromptEncoder:
                 f"{resampler.proj_in.in_features} (CLIP-H is 1280)"
             )
         self.resampler = resampler
-        self.size = self.vision.config.image_size
 
     @torch.no_grad()
     def __call__(self, images: list[Image.Image]) -> Tensor:
         """(N, num_queries, output_dim): the penultimate CLIP hidden states through the Resampler."""
-        pixels = torch.stack([_clip_pixels(im, self.size) for im in images])
+        pixels = self.processor(images, return_tensors="pt")["pixel_values"]
         hidden = self.vision(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
         return self.resampler(hidden)
-
-
-def _clip_pixels(image: Image.Image, size: int) -> Tensor:
-    """CLIP's preprocessing: shortest side to `size` (bicubic), centre crop, CLIP mean/std."""
-    image = image.convert("RGB")
-    scale = size / min(image.size)
-    w, h = max(size, round(image.width * scale)), max(size, round(image.height * scale))
-    image = image.resize((w, h), Image.Resampling.BICUBIC)
-    left, top = (w - size) // 2, (h - size) // 2
-    image = image.crop((left, top, left + size, top + size))
-    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
 
 
 def garment_context(

@@ -2,7 +2,7 @@
 
 The folder is what `save_pretrained` writes for a transformers CLIPModel and its CLIPProcessor, e.g.
 a copy of openai/clip-vit-large-patch14: config.json, model.safetensors (or pytorch_model.bin),
-preprocessor_config.json and the tokenizer files. The weights are read with the project's safe loader
+preprocessor_config.json and the tokenizer files. The weights are read by `pretrained.load_pretrained`
 (safetensors, or a pickle with weights_only=True), never with a plain torch.load.
 """
 
@@ -15,12 +15,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
-from transformers import CLIPConfig, CLIPModel, CLIPProcessor
-from transformers.modeling_utils import no_init_weights
+from transformers import CLIPModel, CLIPProcessor
 
-from ..weights_file import WeightsFileError, load_tensors
-
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+from ..pretrained import load_pretrained
+from ..weights_file import WeightsFileError
 
 
 class ClipLoadError(WeightsFileError):
@@ -38,18 +36,7 @@ def load_clip_model(folder: Path) -> CLIPModel:
         raise ClipLoadError(f"'{folder / 'config.json'}' is not a readable JSON object") from e
     if model_type != "clip":  # e.g. an image encoder alone (clip_vision_model): CLIP-T needs the text side too
         raise ClipLoadError(f"'{folder}' holds a '{model_type}' model, not a full CLIP (text and image)")
-    weights = next((folder / n for n in WEIGHT_FILES if (folder / n).is_file()), None)
-    if weights is None:
-        raise ClipLoadError(f"'{folder}' has none of {', '.join(WEIGHT_FILES)}")
-    config = CLIPConfig.from_pretrained(folder, local_files_only=True)
-    state_dict = load_tensors(weights, error=ClipLoadError)
-    with no_init_weights():  # every weight comes from the file; skip the random init of a large model
-        model = CLIPModel(config)
-    missing, _ = model.load_state_dict(state_dict, strict=False)
-    missing = [k for k in missing if not k.endswith("position_ids")]  # a buffer newer files leave out
-    if missing:
-        raise ClipLoadError(f"'{weights.name}' is not a CLIP checkpoint for this config: missing {missing[:3]}...")
-    return model.float().eval().requires_grad_(False)
+    return load_pretrained(folder, CLIPModel, error=ClipLoadError)
 
 
 class ClipEncoder:
