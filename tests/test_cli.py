@@ -42,6 +42,22 @@ def test_bench_reports_every_figure(capsys):
     assert result["device"] == "cpu" and result["dtype"] == "float32"
 
 
+def test_whole_bench_dresses_with_the_webui_defaults(capsys):
+    args = ["bench", "--whole", "--json", "--model-channels", "32", "--vae-channels", "32", "--repeats", "1"]
+    assert main([*args, "--latent", "16", "8", "--steps", "2", "--n-garments", "1", "2"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["resolution"], result["detail"], result["fine_pool"], result["image_wh"]) == (0, 1.0, 2, [64, 128])
+    one, two = result["garments"]
+    # the token budget: one garment may cover the 64x128 image; two get 64x64 each (64x128 would be over)
+    assert (one["garment_canvas"], two["garment_canvas"]) == ([64, 128], [64, 64])
+    # SD1.5 attends at latent size: 16x8 and 2 x 8x8 tokens, pooled 2x2
+    assert (one["garment_tokens_finest"], two["garment_tokens_finest"]) == (32, 32)
+    for row in result["garments"]:
+        assert all(
+            isinstance(row[k], float) and row[k] > 0 for k in ("whole_ratio_warm", "whole_ratio_cold", "step_ratio")
+        )
+
+
 def test_garment_kv_computed_once_per_generation(unet, inputs, garments):
     """K'/V' depend only on the garments: projected at install, never per step (peers do it per step)."""
     proj = DressingProjections.from_unet(unet).requires_grad_(False)
@@ -101,3 +117,19 @@ def test_cli_without_ldm_says_what_to_install(monkeypatch, capsys):
     assert main(["demo", *SMALL]) == 1
     said = capsys.readouterr().err
     assert "ANYDRESSING_WEBUI" in said and "stable-diffusion-sdkit" in said
+
+
+def test_bench_attention_is_ldms_attention_through_sdpa(unet, inputs):
+    """The benches time the attention the WebUIs run (SDPA), which must compute what ldm's does."""
+    from lib_anydressing.engine.sd_unet import sdp_attention
+
+    x, t, ctx = inputs
+    with torch.no_grad():
+        plain = unet(x, t, context=ctx)
+        patches = sdp_attention(unet)
+        sdp = unet(x, t, context=ctx)
+        for patch in patches:
+            patch.restore()
+        after = unet(x, t, context=ctx)
+    torch.testing.assert_close(sdp, plain, atol=1e-4, rtol=1e-4)
+    assert torch.equal(after, plain) and not any("forward" in m.__dict__ for m in unet.modules())

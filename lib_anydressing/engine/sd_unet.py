@@ -9,7 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .forward_patch import ForwardPatch
 
 SD15_UNET: dict[str, Any] = {
     "image_size": 32,
@@ -48,3 +51,25 @@ def reinitialise(module: nn.Module, *, seed: int = 0, std: float = 0.02) -> None
             noise = torch.randn(p.shape, generator=gen) * std
             is_norm_weight = name.endswith("weight") and p.ndim == 1
             p.copy_((1.0 + noise) if is_norm_weight else noise.to(p.dtype) * (5 if p.ndim > 1 else 1))
+
+
+def sdp_attention(unet: nn.Module) -> list[ForwardPatch]:
+    """Every attention module of an ldm UNet through torch's scaled_dot_product_attention, as A1111's
+    default optimisation on torch 2 ('sdp') and Forge run it; ldm's own einsum attention is slower, and
+    a bench against it would flatter the dressed layers, which call SDPA. Restore with the patches."""
+    patches = []
+    for module in unet.modules():
+        if all(hasattr(module, a) for a in ("to_q", "to_k", "to_v", "to_out", "heads")):
+            patches.append(ForwardPatch(module, lambda inner, m=module: _sdp_forward(m)))
+    return patches
+
+
+def _sdp_forward(attn: nn.Module):
+    def forward(x: Tensor, context: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        ctx = x if context is None else context
+        q, k, v = (
+            t.unflatten(-1, (attn.heads, -1)).transpose(1, 2) for t in (attn.to_q(x), attn.to_k(ctx), attn.to_v(ctx))
+        )
+        return attn.to_out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(-2))
+
+    return forward
