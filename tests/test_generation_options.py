@@ -116,22 +116,25 @@ def _slots(n: int, boxes=None):
     ("target", "n", "detail", "canvas"),
     [
         ((512, 768), 1, 1.0, (512, 768)),  # one garment may cover the whole image
-        ((512, 768), 2, 1.0, (320, 512)),  # half each: 362x543 px, floored to multiples of 64
+        ((512, 768), 2, 1.0, (384, 512)),  # half each: 362x543 px; 384x512 is exactly half
         ((512, 768), 4, 1.0, (256, 384)),  # a quarter each
         ((512, 768), 2, 2.0, (512, 768)),  # detail 2: twice the pixels
-        ((256, 256), 2, 1.0, (128, 128)),  # 181 px a side: floored
-        ((1024, 1024), 2, 1.0, (704, 704)),  # SDXL size: 724 px a side
+        ((256, 256), 2, 1.0, (128, 192)),  # 181 px a side: 128x128 or 192x192 miss, 128x192 fits
+        ((1024, 1024), 2, 1.0, (704, 704)),  # SDXL size: 724 px a side, 768x704 would be over
+        ((256, 384), 2, 1.0, (192, 256)),  # the bench's size: 181x271 px
         ((128, 128), 4, 0.25, (64, 64)),  # never below one 64-pixel block
     ],
 )
 def test_token_budget_ties_the_canvas_to_the_image(target, n, detail, canvas):
     assert garment_canvas(target, _slots(n), 0, detail) == canvas
+    if canvas != (64, 64):  # the budget: all garments together at most the image's pixels times detail
+        assert n * canvas[0] * canvas[1] <= target[0] * target[1] * detail
 
 
 def test_token_budget_of_garments_with_regions_is_the_area_they_cover():
     slots = _slots(2, [[0, 0, 1, 0.5], [0.4, 0, 0.6, 0.1]])  # a top on the upper half, a hat on 2% of the image
     w, h = garment_canvas((512, 768), slots)
-    assert (w, h) == (256, 384)  # together 52% of 512x768 = 204472 px: 2 x 261x392 px, floored
+    assert (w, h) == (256, 384)  # together 52% of 512x768 = 204472 px: 2 x 261x392 px; 320 or 448 is over
     assert 2 * w * h <= 0.52 * 512 * 768
 
 

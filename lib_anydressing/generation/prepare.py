@@ -33,9 +33,20 @@ def garment_canvas(
     if resolution > 0:
         scale = resolution / max(w, h)
         return max(64, round(w * scale / 64) * 64), max(64, round(h * scale / 64) * 64)
-    covered = sum(_coverage(slot, len(slots)) for slot in slots) * detail
-    scale = math.sqrt(covered / max(len(slots), 1))
-    return max(64, math.floor(w * scale / 64) * 64), max(64, math.floor(h * scale / 64) * 64)
+    budget = w * h * sum(_coverage(slot, len(slots)) for slot in slots) * detail / max(len(slots), 1)
+    scale = math.sqrt(budget / (w * h))
+    sides = [
+        (cw, ch)
+        for cw in {max(64, math.floor(w * scale / 64) * 64), max(64, math.ceil(w * scale / 64) * 64)}
+        for ch in {max(64, math.floor(h * scale / 64) * 64), max(64, math.ceil(h * scale / 64) * 64)}
+    ]
+    fitting = [(cw, ch) for cw, ch in sides if cw * ch <= budget * (1 + 1e-9)] or [min(sides, key=_area)]
+    # the most pixels within the budget; then the target's aspect; then the taller (garments mostly are)
+    return max(fitting, key=lambda s: (_area(s), -round(abs(math.log(s[0] * h / (s[1] * w))), 9), s[1]))
+
+
+def _area(size: tuple[int, int]) -> int:
+    return size[0] * size[1]
 
 
 def _coverage(slot: GarmentSlot, n_slots: int) -> float:
