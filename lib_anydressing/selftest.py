@@ -5,7 +5,9 @@ checkpoint is loaded, and the two garments of tests/data: plain against dressed;
 request before and after a different one; a garment that is not an image; an interrupt mid-sampling;
 hires fix; ControlNet with a pose image when its API is there; and, last, the plain image again, which
 must be pixel-identical to the first (the model left untouched). Prints a PASS/FAIL table with what to
-do for each failure, and the dressed/plain time ratio; exits 1 on any failure.
+do for each failure, and the time of a dressed generation against a plain one, cold (garments never
+seen: encoding and GarmentsNet included) and warm (features cached), and against ControlNet
+reference-only where that is installed; exits 1 on any failure.
 """
 
 from __future__ import annotations
@@ -120,12 +122,10 @@ def pose_image(width: int, height: int) -> str:
     colours = [(255, 0, 0), (0, 255, 0), (255, 170, 0), (170, 255, 0), (0, 85, 255), (0, 0, 255)]
     for (a, b), colour in zip(limbs, colours, strict=True):
         draw.line([joints[a], joints[b]], fill=colour, width=max(2, width // 40))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
+    return _png_b64(image)
 
 
-def run(webui: WebUI, report: Report, size: int, steps: int, seed: int) -> None:
+def run(webui: WebUI, report: Report, size: int, steps: int, seed: int, repeats: int = 1) -> None:
     """All checks, in an order where each one's state is known: the plain image first and last."""
     report.checkpoint = str(webui.call("/sdapi/v1/options").get("sd_model_checkpoint", "?"))
     base = {"prompt": "a person standing, full body", "negative_prompt": "", "seed": seed, "steps": steps,
@@ -140,22 +140,18 @@ def run(webui: WebUI, report: Report, size: int, steps: int, seed: int) -> None:
 
     plain = webui.txt2img(base)
     webui.txt2img(base)  # warm: a first call may load or compile
-    plain_warm = webui.txt2img(base)
     dressed = webui.txt2img({**base, "alwayson_scripts": garment_args()})
     warm = webui.txt2img({**base, "alwayson_scripts": garment_args()})
-    report.timings = {
-        "plain_s": round(plain_warm.seconds, 2),
-        "dressed_cold_s": round(dressed.seconds, 2),
-        "dressed_warm_s": round(warm.seconds, 2),
-        "ratio_cold": round(dressed.seconds / plain_warm.seconds, 2),
-        "ratio_warm": round(warm.seconds / plain_warm.seconds, 2),
-    }
     changed = _mean_change(plain.image, dressed.image)
     if dressed.dressed and changed > 0:
         add(Check("dressed", "PASS", f"2 garments, boxes; mean pixel change {changed:.1f} against plain"))
     else:
         add(Check("dressed", "FAIL", dressed.problems or f"no AnyDressing entries, change {changed:.1f}", PROBLEM))
     _same(add, "repeat", warm, dressed, "the same dressed request twice (features from the cache)")
+    try:
+        report.timings = speed(webui, base, repeats)
+    except RuntimeError as e:
+        add(Check("timing", "FAIL", str(e), PROBLEM))
 
     other = [{"image": _b64(DATA / "garment_trousers.png"), "category": "lower"}]
     webui.txt2img({**base, "seed": seed + 1, "alwayson_scripts": garment_args(other, resolution=384)})
@@ -179,6 +175,51 @@ def run(webui: WebUI, report: Report, size: int, steps: int, seed: int) -> None:
         add(Check("model untouched", "PASS", "the plain image at the end is pixel-identical to the first"))
     else:
         add(Check("model untouched", "FAIL", f"mean change {_mean_change(plain.image, last.image):.2f}", UNTOUCHED))
+
+
+def speed(webui: WebUI, base: dict, repeats: int) -> dict[str, float]:
+    """Seconds and ratios to plain: the fastest of `repeats` rounds that alternate plain, dressed cold
+    (garments made unique, so nothing is cached), the same dressed again (warm) and reference-only."""
+    reference = _reference_only(webui)
+    times: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        fresh = garment_args(_unseen_garments())
+        runs = {"plain": base, "dressed_cold": {**base, "alwayson_scripts": fresh}}
+        runs["dressed_warm"] = runs["dressed_cold"]
+        if reference is not None:
+            runs["reference_only"] = {**base, "alwayson_scripts": {"ControlNet": {"args": [reference]}}}
+        for name, payload in runs.items():
+            generation = webui.txt2img(payload)
+            if name.startswith("dressed") and not generation.dressed:
+                raise RuntimeError(f"the timed dressed generation was not dressed: {generation.problems}")
+            times.setdefault(name, []).append(generation.seconds)
+    best = {name: min(seconds) for name, seconds in times.items()}
+    ratios = {f"ratio_{name.removeprefix('dressed_')}": round(t / best["plain"], 2) for name, t in best.items()}
+    ratios.pop("ratio_plain")
+    return {**{f"{name}_s": round(t, 2) for name, t in best.items()}, **ratios}
+
+
+def _unseen_garments() -> list[dict]:
+    """The test garments with one pixel set from the clock: content the feature cache has not seen."""
+    garments = []
+    for name, category, box in GARMENTS:
+        image = Image.open(DATA / name).convert("RGBA")
+        nonce = time.time_ns()
+        image.putpixel((image.width // 2, image.height // 2), (nonce % 251, nonce // 251 % 251, 7, 255))
+        garments.append({"image": _png_b64(image), "category": category, "region": "box", "box": box})
+    return garments
+
+
+def _reference_only(webui: WebUI) -> dict | None:
+    """A ControlNet unit with the reference-only preprocessor on the first test garment, if there is one."""
+    try:
+        modules = webui.call("/controlnet/module_list").get("module_list", [])
+    except (urllib.error.URLError, ValueError):
+        return None
+    module = next((m for m in modules if m.lower() == "reference_only"), None)
+    if module is None:
+        return None
+    return {"enabled": True, "module": module, "model": "None", "image": _b64(DATA / GARMENTS[0][0]), "weight": 1.0}
 
 
 def _same(add: Callable[[Check], None], name: str, got: Generation, want: Generation, what: str) -> None:
@@ -271,6 +312,12 @@ def _b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode()
 
 
+def _png_b64(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
 INSTALL = "install the extension into extensions/ and restart the WebUI (not just reload the UI)"
 PROBLEM = "read the problem text; if it says 'unexpected', report it with the WebUI's console output"
 DETERMINISM = "report it with your WebUI version and start flags: garment features must not depend on history"
@@ -288,7 +335,10 @@ def print_table(report: Report) -> None:
     if report.timings:
         t = report.timings
         print(f"  time: plain {t['plain_s']} s, dressed {t['dressed_cold_s']} s cold ({t['ratio_cold']}x), "
-              f"{t['dressed_warm_s']} s warm ({t['ratio_warm']}x)")  # fmt: skip
+              f"{t['dressed_warm_s']} s warm ({t['ratio_warm']}x)", end="")  # fmt: skip
+        if "reference_only_s" in t:
+            print(f"; ControlNet reference-only {t['reference_only_s']} s ({t['ratio_reference_only']}x)", end="")
+        print()
     print("FAIL" if report.failed else "all passed")
 
 
@@ -298,6 +348,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one request")
+    parser.add_argument("--repeats", type=int, default=1, help="timed rounds (the fastest counts)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
 
 
@@ -305,7 +356,7 @@ def main(args: argparse.Namespace) -> int:
     webui = WebUI(args.url, args.timeout)
     report = Report(webui.url, "?")
     try:
-        run(webui, report, args.size, args.steps, args.seed)
+        run(webui, report, args.size, args.steps, args.seed, args.repeats)
     except urllib.error.HTTPError as e:  # a request the WebUI could not serve: the checks so far still count
         report.checks.append(Check("aborted", "FAIL", f"the WebUI answered {e}", "see the WebUI's console output"))
     except (urllib.error.URLError, OSError) as e:

@@ -15,6 +15,7 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -35,6 +36,8 @@ def test_the_selftest_request_is_what_the_extension_reads():
 class FakeWebUI(BaseHTTPRequestHandler):
     history_leaks = False  # a WebUI whose dressed images depend on the request before
     broken_controlnet = False  # ControlNet listed, but its model fails every request (Forge: SD1.5 on SDXL)
+    reference_only = False  # ControlNet with no model but the reference-only preprocessor
+    garments_sent: ClassVar[list[bytes]] = []
     last = b""
     step = 0
     interrupted = threading.Event()
@@ -60,6 +63,9 @@ class FakeWebUI(BaseHTTPRequestHandler):
         if FakeWebUI.broken_controlnet:
             answers["/controlnet/model_list"] = {"model_list": ["None", "control_sd15 [abc]"]}
             answers["/controlnet/module_list"] = {"module_list": ["None", "canny"]}
+        if FakeWebUI.reference_only:
+            answers["/controlnet/model_list"] = {"model_list": ["None"]}
+            answers["/controlnet/module_list"] = {"module_list": ["none", "reference_only"]}
         self._send(answers.get(self.path, {"detail": "Not Found"}), 200 if self.path in answers else 404)
 
     def do_POST(self):
@@ -67,7 +73,10 @@ class FakeWebUI(BaseHTTPRequestHandler):
         if self.path == "/sdapi/v1/interrupt":
             FakeWebUI.interrupted.set()
             return self._send(None)
-        if "ControlNet" in body.get("alwayson_scripts", {}):
+        units = body.get("alwayson_scripts", {}).get("ControlNet", {}).get("args", [])
+        if FakeWebUI.reference_only and [u["module"] for u in units] == ["reference_only"]:
+            return self._send(self._txt2img(body))
+        if units:
             return self._send({"error": "RuntimeError", "detail": "mat1 and mat2 shapes cannot be multiplied"}, 500)
         self._send(self._txt2img(body))
 
@@ -81,6 +90,7 @@ class FakeWebUI(BaseHTTPRequestHandler):
             else:
                 params["AnyDressing model"] = "training-free"
                 garments = json.dumps(args[0]["garments"]).encode()
+                FakeWebUI.garments_sent.append(garments)
                 digest.update(garments + (FakeWebUI.last if FakeWebUI.history_leaks else b""))
                 FakeWebUI.last = garments
         if body["steps"] > 8:  # the interrupt check's long request
@@ -103,7 +113,8 @@ def webui():
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
-    FakeWebUI.history_leaks = FakeWebUI.broken_controlnet = False
+    FakeWebUI.history_leaks = FakeWebUI.broken_controlnet = FakeWebUI.reference_only = False
+    FakeWebUI.garments_sent = []
 
 
 def _run(url, capsys, *extra):
@@ -138,3 +149,14 @@ def test_a_controlnet_that_fails_by_itself_is_skipped_and_the_rest_still_reporte
     statuses = {c["name"]: (c["status"], c["detail"]) for c in json.loads(out)["checks"]}
     assert code == 0 and statuses["controlnet"][0] == "SKIP" and "500" in statuses["controlnet"][1]
     assert statuses["model untouched"][0] == "PASS"
+
+
+def test_timed_rounds_send_unseen_garments_then_the_same_again_and_time_reference_only(webui, capsys):
+    FakeWebUI.reference_only = True
+    code, out = _run(webui, capsys, "--json", "--repeats", "2")
+    timings = json.loads(out)["timings"]
+    assert code == 0
+    assert {"dressed_cold_s", "dressed_warm_s", "reference_only_s", "ratio_reference_only"} <= set(timings)
+    sent = FakeWebUI.garments_sent
+    once_seen = [g for g in set(sent) if sent.count(g) == 2 and sent[sent.index(g) + 1] == g]
+    assert len(once_seen) == 2  # each round: a cold request with new garments, then the same request warm
