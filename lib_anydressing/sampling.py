@@ -1,7 +1,7 @@
 """DDIM sampling with garment guidance, for the demo and checks outside the WebUI.
 
 Two guidance layouts, both with explicit conditional rows for the Dresser:
-- 2-way [text + garments, uncond]: PAPER.md eq. 16, eps = w * eps(z, text, garments) + (1 - w) * eps(z).
+- 2-way [text + garments, uncond]: docs/method.md CFG, eps = w * eps(z, text, garments) + (1 - w) * eps(z).
 - 3-way [text + garments, garments only, uncond]: MagicClothing's joint guidance, a separate garment scale:
   eps = eps_u + w * (eps_text - eps_garments) + w_g * (eps_garments - eps_u).
 """

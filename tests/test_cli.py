@@ -86,7 +86,7 @@ def test_guidance_formulas():
     from lib_anydressing.sampling import combine_guidance, guidance_layout
 
     text, garments, uncond = torch.tensor([3.0]), torch.tensor([2.0]), torch.tensor([0.5])
-    # PAPER.md eq. 16 and MagicClothing's OmsDiffusionPipeline, written out here
+    # docs/method.md CFG (eq. 16) and MagicClothing's OmsDiffusionPipeline, written out here
     assert combine_guidance(torch.cat([text, uncond]), 6.0) == 6.0 * 3.0 + (1 - 6.0) * 0.5
     assert combine_guidance(torch.cat([text, garments, uncond]), 5.0, 2.5) == 0.5 + 5.0 * (3 - 2) + 2.5 * (2 - 0.5)
     assert guidance_layout(2, None) == (2, [0, 1])

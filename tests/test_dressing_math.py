@@ -1,4 +1,4 @@
-"""Dressing-Attention against the paper's equations, written here from PAPER.md, not from the engine."""
+"""Dressing-Attention against the paper's equations, written here from docs/method.md, not from the engine."""
 
 from __future__ import annotations
 

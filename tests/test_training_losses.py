@@ -1,4 +1,4 @@
-"""AnyDressing's losses and DISTS against plain implementations of PAPER.md's formulas, written here."""
+"""AnyDressing's losses and DISTS against plain implementations of docs/method.md's formulas, written here."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Dressing-Attention: patches every self-attention layer of the target UNet, and takes it out again.
 
 Two ways to attend to the garments, chosen by whether projections are given:
-- additive (PAPER.md eq. 6): Z = Attn(x) + lambda * softmax(Q K'^T / sqrt(d)) V', with K'/V' from the
+- additive (docs/method.md DA): Z = Attn(x) + lambda * softmax(Q K'^T / sqrt(d)) V', with K'/V' from the
   trainable projections. The frozen attention runs through whatever forward the WebUI has active and
   the garment term is added after it: to_out is linear, so to_out(A + lambda B) = to_out(A) + lambda B W_o^T.
 - joint (training-free): the garment tokens, projected by the layer's own W_k/W_v, join the frozen

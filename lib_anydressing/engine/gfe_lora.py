@@ -1,7 +1,7 @@
 """Garment-Specific Feature Extractor: one LoRA per garment slot on GarmentsNet's self-attention q/k/v.
 
 All garments run in one batched forward; row i of the batch uses slot `slots[i]`'s LoRA, so adding a
-slot costs only LoRA parameters (PAPER.md eq. 3-4).
+slot costs only LoRA parameters (docs/method.md GFE).
 """
 
 from __future__ import annotations

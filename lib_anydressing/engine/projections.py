@@ -9,7 +9,7 @@ from .unet_layers import module_key, self_attention_layers
 
 
 class DressingProjections(nn.Module):
-    """K' = F_all W'_k, V' = F_all W'_v (PAPER.md eq. 6), keyed by layer name."""
+    """K' = F_all W'_k, V' = F_all W'_v (docs/method.md DA), keyed by layer name."""
 
     def __init__(self, layer_dims: dict[str, tuple[int, int]]) -> None:
         super().__init__()

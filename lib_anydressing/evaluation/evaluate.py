@@ -149,7 +149,7 @@ def fmt(value: float | None, key: str) -> str:
 
 
 def table(results: list[RunResult]) -> str:
-    """A Markdown table with the columns of PAPER.md Table 1 (CLIP-I* for multi-garment cases)."""
+    """A Markdown table with the columns of the paper's Table 1 (CLIP-I* for multi-garment cases)."""
     rows = ["| images | samples | CLIP-T | CLIP-I | CLIP-AS | CLIP-I* |", "|---|---|---|---|---|---|"]
     for r in results:
         means = r.means()

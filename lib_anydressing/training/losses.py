@@ -1,4 +1,4 @@
-"""AnyDressing's training losses (PAPER.md): L = L_LDM + (lambda1 / m) L_loc + lambda2 L_texture.
+"""AnyDressing's training losses (docs/method.md IGL, GTL, LOSS): L = L_LDM + (lambda1 / m) L_loc + lambda2 L_texture.
 
 Norms are the paper's squared L2 norms, i.e. sums over positions (and colour channels), not means;
 the paper's small lambdas (0.01 / m for L_loc, 0.001 for L_texture) are sized for sums. A batch's

@@ -1,5 +1,5 @@
 """The AnyDressing trainer: GarmentsNet (+ per-slot GFE LoRAs) and the Dressing-Attention projections,
-trained with L_LDM + (lambda1 / m) L_loc + lambda2 L_texture (PAPER.md; the terms are in losses.py).
+trained with L_LDM + (lambda1 / m) L_loc + lambda2 L_texture (docs/method.md LOSS; the terms are in losses.py).
 
 GarmentsNet is a separate copy of the SD UNet with its cross-attention skipped; DressingNet is the SD
 UNet itself, frozen, dressed by a Dresser in additive mode whose K'/V' are recomputed at every forward

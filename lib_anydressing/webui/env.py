@@ -1,6 +1,6 @@
 """The WebUI's answers to what the controller asks, from `modules.*` (A1111) and `backend.*` (Forge).
 
-With forge.py, the only modules of lib_anydressing importing them.
+Only lib_anydressing/webui/ imports them (env.py, forge.py, lora_training.py, ui.py).
 """
 
 from __future__ import annotations
