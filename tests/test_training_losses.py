@@ -1,18 +1,20 @@
-"""AnyDressing's losses and DISTS against plain implementations of docs/method.md's formulas, written here."""
+"""AnyDressing's losses against plain implementations of docs/method.md's formulas, written here, and DISTS
+against torchmetrics' own implementation."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from lib_anydressing.training import losses
 from lib_anydressing.training.dists import DISTS, N_MAPS, DISTSWeightsError, load_dists
+from lib_anydressing.weights_file import load_tensors
 
 
 def _gen(seed):
@@ -108,65 +110,95 @@ def test_high_frequency_loss_matches_the_formula():
 # --- DISTS ----------------------------------------------------------------------------------------------------
 
 
-def _plain_dists(vgg_state, x, y, alpha, beta):
-    """DISTS from the paper, step by step: VGG16 layers run one by one, max pooling -> Hann L2 pooling."""
-    from torchvision.models.vgg import cfgs, make_layers
+def _torchmetrics_dists(vgg_state, monkeypatch):
+    """torchmetrics' own DISTS as the oracle, on the same random VGG16: its DISTSNetwork asks torchvision for
+    `vgg16(weights=VGG16_Weights.DEFAULT)` (a download), so the name is replaced in its module by a vgg16()
+    holding these features. Its alpha/beta are its packaged ones. Run in float64, a closer reference."""
+    from torchmetrics.functional.image import dists as tm_dists
+    from torchvision.models import vgg16
 
-    net = make_layers(cfgs["D"])
-    net.load_state_dict({k.removeprefix("features."): v for k, v in vgg_state.items() if k.startswith("features.")})
-    hann = torch.tensor([0.5, 1.0, 0.5])
-    g = torch.outer(hann, hann) / torch.outer(hann, hann).sum()
+    def seeded_vgg16(weights=None, **kwargs):
+        assert weights is not None  # torchmetrics asks for the ImageNet weights: these stand in for them
+        with torch.device("meta"):  # the 120M-value classifier is never used: not initialised
+            model = vgg16(**kwargs)
+        given = {k.removeprefix("features."): v.clone() for k, v in vgg_state.items()}
+        model.features.load_state_dict(given, assign=True)
+        return model
 
-    def l2pool(t):
-        c = t.shape[1]
-        sq = F.pad(t * t, (1, 1, 1, 1))
-        patches = sq.unfold(2, 3, 2).unfold(3, 3, 2)  # (B, C, H', W', 3, 3)
-        return ((patches * g).sum((-1, -2)) + 1e-12).sqrt().reshape(t.shape[0], c, *patches.shape[2:4])
-
-    def maps(img):
-        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-        h = ((img + 1) / 2 - mean) / std
-        out = [h]
-        for i, layer in enumerate(net):
-            h = l2pool(h) if isinstance(layer, torch.nn.MaxPool2d) else layer(h)
-            if i in (3, 8, 15, 22, 29):  # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
-                out.append(h)
-        return out
-
-    total = alpha.sum() + beta.sum()
-    a, b = (alpha / total).flatten(), (beta / total).flatten()
-    s = torch.zeros(x.shape[0], dtype=torch.float64)
-    j = 0
-    for fx, fy in zip(maps(x), maps(y), strict=True):
-        for c in range(fx.shape[1]):
-            px, py = fx[:, c].flatten(1).double(), fy[:, c].flatten(1).double()
-            mx, my = px.mean(1), py.mean(1)
-            vx, vy = ((px - mx[:, None]) ** 2).mean(1), ((py - my[:, None]) ** 2).mean(1)
-            cov = ((px - mx[:, None]) * (py - my[:, None])).mean(1)
-            texture = (2 * mx * my + 1e-6) / (mx**2 + my**2 + 1e-6)
-            structure = (2 * cov + 1e-6) / (vx + vy + 1e-6)
-            s += a[j] * texture + b[j] * structure
-            j += 1
-    assert j == N_MAPS
-    return 1 - s
+    monkeypatch.setattr(tm_dists, "vgg16", seeded_vgg16)
+    return tm_dists.DISTSNetwork().double().eval()
 
 
-def test_dists_matches_the_paper(vgg_state):
-    x = torch.rand(2, 3, 48, 40, generator=_gen(10)) * 2 - 1
-    y = (x + 0.3 * torch.randn(2, 3, 48, 40, generator=_gen(11))).clamp(-1, 1)
-    alpha, beta = torch.rand(N_MAPS, generator=_gen(12)), torch.rand(N_MAPS, generator=_gen(13))
-    model = DISTS(vgg_state, alpha, beta)
-    got = model(x, y)
-    want = _plain_dists(vgg_state, x, y, alpha, beta)
-    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-4)
+def test_dists_matches_torchmetrics(vgg_state, monkeypatch):
+    oracle = _torchmetrics_dists(vgg_state, monkeypatch)
+    model = DISTS(vgg_state, oracle.alpha.detach().float(), oracle.beta.detach().float())
     assert model.fitted
-    same = model(x, x)
-    assert same.abs().max() < 1e-5 and (got > 1e-4).all()
+    x = torch.rand(3, 3, 48, 40, generator=_gen(10)) * 2 - 1
+    y = (x + 0.3 * torch.randn(3, 3, 48, 40, generator=_gen(11))).clamp(-1, 1)
+    z = torch.rand(3, 3, 48, 40, generator=_gen(12)) * 2 - 1  # unrelated images: a large distance
+    for a, b in ((x, y), (x, z), (y, z)):
+        got = model(a, b)  # ours takes [-1, 1]; torchmetrics [0, 1] (both then ImageNet-normalise)
+        want = oracle(((a + 1) / 2).double(), ((b + 1) / 2).double())
+        torch.testing.assert_close(got.double(), want, atol=1e-6, rtol=1e-5)  # measured: 1.6e-7
+        assert (got > 1e-3).all()
+    assert model(x, x).abs().max() < 1e-5
     # Gradients reach the image, none the frozen network.
     xg = x.clone().requires_grad_(True)
     model(xg, y).sum().backward()
     assert xg.grad.abs().sum() > 0 and all(p.grad is None for p in model.parameters())
+
+
+def test_dists_alpha_beta_default_to_torchmetrics_file(vgg_state, tmp_path):
+    """With no user file the alpha/beta are torchmetrics' packaged ones (when it ships them, torchmetrics
+    >= 1.7), read with weights_only; a user file still comes first."""
+    from torchmetrics.functional.image import dists as tm_dists
+
+    from lib_anydressing.training import dists as dists_module
+
+    assert dists_module.packaged_alpha_beta().resolve() == tm_dists._PATH_WEIGHT_DISTS
+    tm = load_tensors(tm_dists._PATH_WEIGHT_DISTS)
+    vgg_file = tmp_path / "vgg16.safetensors"
+    save_file({k: v.contiguous() for k, v in vgg_state.items()}, str(vgg_file))
+    model = load_dists(vgg_file)
+    total = tm["alpha"].sum() + tm["beta"].sum()
+    assert model.fitted
+    torch.testing.assert_close(model.alpha, tm["alpha"].flatten() / total)
+    torch.testing.assert_close(model.beta, tm["beta"].flatten() / total)
+    user = tmp_path / "mine.pt"
+    torch.save({"alpha": torch.ones(N_MAPS), "beta": torch.zeros(N_MAPS)}, user)
+    torch.testing.assert_close(load_dists(vgg_file, user).alpha, torch.full((N_MAPS,), 1 / N_MAPS))
+
+
+def test_dists_packaged_alpha_beta_order_and_no_import(tmp_path, monkeypatch):
+    """torchmetrics' file before DISTS_pytorch's, each only when present; packages are found, not imported."""
+    import subprocess
+    import sys
+
+    from lib_anydressing.training import dists as dists_module
+
+    fake = tmp_path / "site" / "DISTS_pytorch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise RuntimeError('imported')\n")
+    torch.save({"alpha": torch.ones(N_MAPS), "beta": torch.ones(N_MAPS)}, fake / "weights.pt")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert dists_module._package_file("DISTS_pytorch", "weights.pt") == fake / "weights.pt"
+    assert dists_module._package_file("DISTS_pytorch", "absent.pt") is None
+    assert dists_module._package_file("no_such_package_here", "weights.pt") is None
+    assert "DISTS_pytorch" not in sys.modules
+    real = dists_module._package_file
+    hidden: set[str] = set()
+    monkeypatch.setattr(dists_module, "_package_file", lambda p, r: None if p in hidden else real(p, r))
+    assert dists_module.packaged_alpha_beta().parts[-2:] == ("dists_models", "weights.pt")
+    hidden.add("torchmetrics")
+    assert dists_module.packaged_alpha_beta() == fake / "weights.pt"
+    hidden.add("DISTS_pytorch")
+    assert dists_module.packaged_alpha_beta() is None
+    # Finding torchmetrics' file does not import torchmetrics (its import pulls in much of its metrics).
+    code = (
+        "import sys; from lib_anydressing.training.dists import packaged_alpha_beta; "
+        "assert packaged_alpha_beta() is not None; assert 'torchmetrics' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 
 def test_dists_runs_in_float32_under_autocast(vgg_state):

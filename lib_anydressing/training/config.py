@@ -29,7 +29,7 @@ class TrainConfig:
     lora_alpha: float = 16.0
     da_strength: float = 1.0  # lambda of eq. 6 while training (the checkpoint's default for sampling is 0.7)
     vgg16_weights: str = ""  # torchvision VGG16 state dict for DISTS; empty: no L_perc
-    dists_weights: str = ""  # DISTS alpha/beta; empty: DISTS_pytorch's file when installed, else uniform
+    dists_weights: str = ""  # DISTS alpha/beta; empty: torchmetrics' or DISTS_pytorch's packaged file, else uniform
     # [data]
     manifest: str = ""
     size: list[int] = field(default_factory=lambda: [768, 576])  # person image (height, width)

@@ -1,19 +1,23 @@
 """DISTS (Ding et al. 2020, "Image Quality Assessment: Unifying Structure and Texture Similarity"),
 the perceptual distance of GTL's L_perc, on torchvision's own VGG16 class.
 
-Written from the paper: the image and the outputs of VGG16's five stages (relu1_2 ... relu5_3, its max
-poolings replaced by L2 pooling over a 3x3 Hann window, stride 2) give 1 + 64 + 128 + 256 + 512 + 512
-= 1475 feature maps. For each map j, over its spatial positions,
+Written from the paper: the image (in [0, 1]; VGG16 alone sees it ImageNet-normalised) and the outputs of
+VGG16's five stages (relu1_2 ... relu5_3, its max poolings replaced by L2 pooling over a 3x3 Hann window,
+stride 2) give 1 + 64 + 128 + 256 + 512 + 512 = 1475 feature maps. For each map j, over its spatial positions,
     texture   l_j = (2 mu_x mu_y + c1) / (mu_x^2 + mu_y^2 + c1)
     structure s_j = (2 cov_xy + c2) / (var_x + var_y + c2)
 and D(x, y) = 1 - sum_j (alpha_j l_j + beta_j s_j), with sum(alpha) + sum(beta) = 1.
 
 Weights come from local files only (nothing is downloaded): VGG16 in torchvision's state-dict layout
 (`features.<i>.weight/bias`; `classifier.*` is ignored), and DISTS's learned alpha/beta from a file with
-tensors `alpha` and `beta` of 1475 values each. The PyPI package `DISTS_pytorch` ships that file
-(`DISTS_pytorch/weights.pt`): when it is installed, its file is used without importing the package.
-With no alpha/beta file every map gets the same weight (alpha_j = beta_j = 1 / 2950): still a distance
-between texture statistics, but not the one the paper fitted to human judgements.
+tensors `alpha` and `beta` of 1475 values each. The alpha/beta file is, in this order:
+1. the `dists_weights` file the user gives;
+2. torchmetrics' packaged copy (`torchmetrics/functional/image/dists_models/weights.pt`, torchmetrics >= 1.7):
+   a well-kept library (pytorch_lightning, which the WebUI installs, depends on it), so preferred;
+3. the PyPI package `DISTS_pytorch`'s copy (`DISTS_pytorch/weights.pt`), the authors' own release.
+Packaged files are located without importing their package and read like any other (tensors only,
+`weights_only`). With none of them every map gets the same weight (alpha_j = beta_j = 1 / 2950): still a
+distance between texture statistics, but not the one the paper fitted to human judgements.
 """
 
 from __future__ import annotations
@@ -94,9 +98,12 @@ class DISTS(nn.Module):
         self.requires_grad_(False).eval()
 
     def feature_maps(self, x: Tensor) -> list[Tensor]:
-        """The input (ImageNet-normalised) and the five stage outputs."""
-        h = ((x + 1) / 2 - self.mean) / self.std
-        maps = [h]
+        """The image in [0, 1] and the five stage outputs. The zeroth map is the image itself, not its
+        ImageNet-normalised copy fed to VGG: as in the authors' code (and torchmetrics'), which alpha/beta
+        were fitted with."""
+        unit = (x + 1) / 2
+        h = (unit - self.mean) / self.std
+        maps = [unit]
         for stage in self.stages:
             h = stage(h)
             maps.append(h)
@@ -122,17 +129,36 @@ class DISTS(nn.Module):
         return 1 - similarity
 
 
-def packaged_alpha_beta() -> Path | None:
-    """`DISTS_pytorch`'s weights.pt when that package is installed (found without importing it)."""
-    spec = importlib.util.find_spec("DISTS_pytorch")
+# Packages shipping DISTS's alpha/beta, first found wins: (package, file inside its directory).
+PACKAGED_ALPHA_BETA = (
+    ("torchmetrics", "functional/image/dists_models/weights.pt"),
+    ("DISTS_pytorch", "weights.pt"),
+)
+
+
+def _package_file(package: str, relative: str) -> Path | None:
+    """`relative` inside an installed package's directory, found without importing the package."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):  # a broken install counts as absent
+        return None
     if spec is None or not spec.submodule_search_locations:
         return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "weights.pt"
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
     return path if path.is_file() else None
 
 
+def packaged_alpha_beta() -> Path | None:
+    """The first alpha/beta file of PACKAGED_ALPHA_BETA whose package is installed (see module doc)."""
+    for package, relative in PACKAGED_ALPHA_BETA:
+        path = _package_file(package, relative)
+        if path is not None:
+            return path
+    return None
+
+
 def load_dists(vgg16_path: str | Path, alpha_beta_path: str | Path | None = None) -> DISTS:
-    """DISTS from local files; alpha/beta default to the packaged file, else uniform (see module doc)."""
+    """DISTS from local files; alpha/beta default to a packaged file, else uniform (see module doc)."""
     vgg = load_tensors(vgg16_path, error=DISTSWeightsError, wrappers=("state_dict",))
     path = alpha_beta_path or packaged_alpha_beta()
     if path is None:

@@ -150,7 +150,10 @@ class AnyDressingTrainer:
             return None
         model = load_dists(self.cfg.vgg16_weights, self.cfg.dists_weights or None)
         if not model.fitted:
-            self.say("DISTS alpha/beta: no file and DISTS_pytorch is not installed, using uniform weights")
+            self.say(
+                "DISTS alpha/beta: no dists_weights file, and neither torchmetrics (>= 1.7) nor DISTS_pytorch "
+                "is installed: using uniform weights"
+            )
         return model
 
     @property
