@@ -3,18 +3,23 @@
 One generation is a sampling loop of `steps` UNet calls on [conditional, unconditional] rows plus the
 VAE decode. Dressed generations go through the WebUI's own DressingSession with the WebUI's default
 options (training-free model, garment canvas from the token budget, fine-layer pooling): cold pays
-the garments' VAE encode and GarmentsNet pass, warm finds the features in the cache. All variants
-alternate within each round, and each figure is the fastest round (noise only ever adds time).
+the garments' VAE encode and GarmentsNet pass, warm finds the features in the cache.
+
+The plain and the dressed loop run in lockstep on two copies of one UNet, one step of each in turn,
+so a change of machine load mid-run weighs on both alike; cold and warm differ only in the session's
+preparation (the same dressed steps follow), which is timed for each. Every part is the fastest of
+`repeats` rounds (noise only ever adds time).
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
 import torch
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 
 from .demo import DEFAULT_GARMENTS
 from .engine import AnyDressingModel
@@ -23,7 +28,7 @@ from .generation.options import from_values
 from .generation.prepare import FeatureCache
 from .generation.session import DressingSession
 from .model_files import TRAINING_FREE
-from .sampling import ddim_sample
+from .sampling import ddim_steps
 from .sd_checkpoint import LATENT_SCALE, SD_VAE, build_autoencoder
 
 GUIDANCE = 7.0  # the WebUI's default CFG scale
@@ -44,83 +49,37 @@ def run_whole_bench(
     """`options` are the AnyDressing settings as the API takes them (WebUI defaults when absent)."""
     dev = torch.device(device)
     unet = build_unet(SD15_UNET, model_channels=model_channels).to(dev, dtype)
-    sdp_attention(unet)  # the WebUI's attention, not ldm's slower einsum
+    plain_unet = copy.deepcopy(unet)  # before any forward patch: a copy's patches must call its own modules
+    for u in (unet, plain_unet):
+        sdp_attention(u)  # the WebUI's attention, not ldm's slower einsum
     vae = build_autoencoder({**SD_VAE, "ch": vae_channels}, embed_dim=4).eval().requires_grad_(False)
     reinitialise(vae, seed=1)
     vae.to(dev, dtype)
-    model = AnyDressingModel.training_free()
-    garments_net = model.garments_net(unet)
-    gen = torch.Generator().manual_seed(0)
-    noise = torch.randn(1, 4, *latent_hw, generator=gen).to(dev, dtype)
-    context = torch.randn(2, 77, SD15_UNET["context_dim"], generator=gen).to(dev, dtype)  # [cond, uncond]
-    target_wh = (latent_hw[1] * 8, latent_hw[0] * 8)
+    bench = _Bench(unet, plain_unet, vae, latent_hw, steps, dev, dtype)
     images = [Image.open(p).convert("RGB") for p in DEFAULT_GARMENTS]
-
-    def encode(pixels: Tensor) -> Tensor:
-        return vae.encode(pixels.to(dev, dtype)).mean * LATENT_SCALE
-
-    def prepare(session: DressingSession, cache: FeatureCache) -> None:
-        session.prepare(
-            unet, garments_net, device=dev, dtype=dtype, target_wh=target_wh, encode=encode,
-            empty_prompt=context[1:], cache=cache, model_key="bench",
-        )  # fmt: skip
-
-    def generate(session: DressingSession | None, cache: FeatureCache, n_steps: int) -> tuple[float, float]:
-        """(whole seconds, sampling-loop seconds) of one generation."""
-        start = time.perf_counter()
-        on_step = None
-        if session is not None:
-            prepare(session, cache)
-            session.install(unet)
-            on_step = lambda i: session.on_step(i, n_steps, 1)  # noqa: E731
-        try:
-            loop = time.perf_counter()
-            latents = ddim_sample(lambda x, t: unet(x, t, context=context), noise, steps=n_steps,
-                                  guidance=GUIDANCE, on_step=on_step)  # fmt: skip
-            loop = _elapsed(loop, dev)
-            vae.decode(latents / LATENT_SCALE)
-        finally:
-            if session is not None:
-                session.close()
-        return _elapsed(start, dev), loop
-
-    sessions = {n: _session(model, images, n, options or {}) for n in n_garments}
-    caches = {n: FeatureCache() for n in n_garments}
-    times: dict[str, list[tuple[float, float]]] = {"plain": []}
+    sessions = {n: _session(bench.model, images, n, options or {}) for n in n_garments}
     with torch.no_grad():
-        generate(None, caches[n_garments[0]], 2)  # warm-up: first calls allocate and pick kernels
-        generate(sessions[n_garments[0]], caches[n_garments[0]], 2)
-        for _ in range(repeats):
-            times["plain"].append(generate(None, caches[n_garments[0]], steps))
-            for n in n_garments:
-                caches[n].clear()
-                times.setdefault(f"cold{n}", []).append(generate(sessions[n], caches[n], steps))
-                times.setdefault(f"warm{n}", []).append(generate(sessions[n], caches[n], steps))
-    plain_whole, plain_loop = (min(t[i] for t in times["plain"]) for i in (0, 1))
+        bench.round(sessions[n_garments[0]], n_steps=2)  # warm-up: first calls allocate and pick kernels
+        rounds = [{n: bench.round(sessions[n]) for n in n_garments} for _ in range(repeats)]
     rows = []
     for n in n_garments:
-        cold, warm = min(t[0] for t in times[f"cold{n}"]), min(t[0] for t in times[f"warm{n}"])
-        warm_loop = min(t[1] for t in times[f"warm{n}"])
-        session = sessions[n]
-        prepare(session, caches[n])
-        dresser = session.make_dresser(unet)
-        dresser.prepare()
+        best = {part: min(r[n][part] for r in rounds) for part in rounds[0][n]}
+        plain = best["plain_loop"] + best["decode"]
+        dressed = best["dressed_loop"] + best["decode"]
         rows.append({
             "n_garments": n,
-            "whole_ratio_warm": round(warm / plain_whole, 3),
-            "whole_ratio_cold": round(cold / plain_whole, 3),
-            "step_ratio": round(warm_loop / plain_loop, 3),
-            "garment_canvas": list(_canvas(session)),
-            "garment_tokens_finest": max(dresser.garment_tokens.values()),
-            "image_tokens_finest": latent_hw[0] * latent_hw[1],
-            **({"whole_warm_s": round(warm, 3), "whole_cold_s": round(cold, 3)} if dev.type == "cuda" else {}),
+            "whole_ratio_warm": round((best["prepare_warm"] + dressed) / plain, 3),
+            "whole_ratio_cold": round((best["prepare_cold"] + dressed) / plain, 3),
+            "step_ratio": round(best["dressed_loop"] / best["plain_loop"], 3),
+            **bench.tokens(sessions[n]),
+            **({"whole_plain_s": round(plain, 3), "prepare_cold_s": round(best["prepare_cold"], 3),
+                "dressed_loop_s": round(best["dressed_loop"], 3)} if dev.type == "cuda" else {}),
         })  # fmt: skip
-        session.close()
-    opts = next(iter(sessions.values())).opts
+    opts = sessions[n_garments[0]].opts
     return {
         "mode": "whole",
         "steps": steps,
-        "image_wh": list(target_wh),
+        "image_wh": list(bench.target_wh),
         "resolution": opts.resolution,
         "detail": opts.detail,
         "fine_pool": opts.fine_pool,
@@ -128,9 +87,82 @@ def run_whole_bench(
         "vae_channels": vae_channels,
         "device": str(dev),
         "dtype": str(dtype).replace("torch.", ""),
-        **({"plain_whole_s": round(plain_whole, 3)} if dev.type == "cuda" else {}),
+        "repeats": repeats,
         "garments": rows,
     }
+
+
+class _Bench:
+    """The two UNets, the VAE and the inputs of one bench run."""
+
+    def __init__(self, unet: nn.Module, plain_unet: nn.Module, vae: nn.Module, latent_hw: tuple[int, int],
+                 steps: int, dev: torch.device, dtype: torch.dtype) -> None:  # fmt: skip
+        self.unet, self.plain_unet, self.vae = unet, plain_unet, vae
+        self.steps, self.dev, self.dtype = steps, dev, dtype
+        self.model = AnyDressingModel.training_free()
+        self.garments_net = self.model.garments_net(unet)
+        gen = torch.Generator().manual_seed(0)
+        self.noise = torch.randn(1, 4, *latent_hw, generator=gen).to(dev, dtype)
+        self.context = torch.randn(2, 77, SD15_UNET["context_dim"], generator=gen).to(dev, dtype)  # [cond, uncond]
+        self.target_wh = (latent_hw[1] * 8, latent_hw[0] * 8)
+        self.cache = FeatureCache()
+
+    def round(self, session: DressingSession, n_steps: int | None = None) -> dict[str, float]:
+        """Seconds of each part of one plain and one dressed generation, cold and warm."""
+        n_steps = n_steps or self.steps
+        self.cache.clear()
+        times = {"prepare_cold": self._timed(lambda: self._prepare(session))}
+        try:
+            plain = ddim_steps(self._eps(self.plain_unet), self.noise, steps=n_steps, guidance=GUIDANCE)
+            dressed = ddim_steps(self._eps(self.unet), self.noise, steps=n_steps, guidance=GUIDANCE,
+                                 on_step=lambda i: session.on_step(i, n_steps, 1))  # fmt: skip
+            times["plain_loop"] = times["dressed_loop"] = 0.0
+            latents: Tensor = self.noise
+            for _ in range(n_steps):  # one step of each in turn
+                times["plain_loop"] += self._timed(lambda: next(plain))
+                start = time.perf_counter()
+                latents = next(dressed)
+                times["dressed_loop"] += self._elapsed(start)
+        finally:
+            session.close()
+        times["decode"] = self._timed(lambda: self.vae.decode(latents / LATENT_SCALE))
+        times["prepare_warm"] = self._timed(lambda: self._prepare(session))
+        session.close()
+        return times
+
+    def tokens(self, session: DressingSession) -> dict[str, Any]:
+        """The garment canvas the token budget gave, and the garment tokens at the finest layer."""
+        self._prepare(session)
+        assert session.dresser is not None and session.prepared is not None
+        h, w = session.prepared.features.latent_hw or (0, 0)
+        finest = max(session.dresser.garment_tokens.values())
+        session.close()
+        return {"garment_canvas": [w * 8, h * 8], "garment_tokens_finest": finest,
+                "image_tokens_finest": self.noise.shape[-2] * self.noise.shape[-1]}  # fmt: skip
+
+    def _prepare(self, session: DressingSession) -> None:
+        """What the WebUI does before sampling: garment features (cache or GarmentsNet), then install."""
+        session.prepare(
+            self.unet, self.garments_net, device=self.dev, dtype=self.dtype, target_wh=self.target_wh,
+            encode=self._encode, empty_prompt=self.context[1:], cache=self.cache, model_key="bench",
+        )  # fmt: skip
+        session.install(self.unet)
+
+    def _encode(self, pixels: Tensor) -> Tensor:
+        return self.vae.encode(pixels.to(self.dev, self.dtype)).mean * LATENT_SCALE
+
+    def _eps(self, unet: nn.Module):
+        return lambda x, t: unet(x, t, context=self.context)
+
+    def _timed(self, fn) -> float:
+        start = time.perf_counter()
+        fn()
+        return self._elapsed(start)
+
+    def _elapsed(self, start: float) -> float:
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+        return time.perf_counter() - start
 
 
 def _session(model: AnyDressingModel, images: list[Image.Image], n: int, options: dict[str, Any]) -> DressingSession:
@@ -140,16 +172,3 @@ def _session(model: AnyDressingModel, images: list[Image.Image], n: int, options
     if opts.problems:
         raise ValueError("; ".join(opts.problems))
     return DressingSession(model, opts)
-
-
-def _canvas(session: DressingSession) -> tuple[int, int]:
-    """The garment canvas the session's features were extracted at, from their latent size."""
-    assert session.prepared is not None and session.prepared.features.latent_hw is not None
-    h, w = session.prepared.features.latent_hw
-    return w * 8, h * 8
-
-
-def _elapsed(start: float, dev: torch.device) -> float:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    return time.perf_counter() - start

@@ -8,7 +8,8 @@ Two guidance layouts, both with explicit conditional rows for the Dresser:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -46,6 +47,22 @@ def ddim_sample(
     on_step: Callable[[int], None] | None = None,
 ) -> Tensor:
     """Deterministic DDIM (eta = 0). `eps_model(x, t)` gets the rows of `guidance_layout` stacked."""
+    loop = ddim_steps(eps_model, noise, steps=steps, guidance=guidance, garment_guidance=garment_guidance,
+                      on_step=on_step)  # fmt: skip
+    last = deque(loop, maxlen=1)
+    return last[0] if last else noise
+
+
+def ddim_steps(
+    eps_model: Callable[[Tensor, Tensor], Tensor],
+    noise: Tensor,
+    *,
+    steps: int = 20,
+    guidance: float = 6.0,
+    garment_guidance: float | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> Iterator[Tensor]:
+    """`ddim_sample` one step at a time: yields the latent after each step (benches interleave loops)."""
     abar = sd_alphas_cumprod()
     timesteps = torch.linspace(len(abar) - 1, 0, steps).round().long()
     x = noise
@@ -56,7 +73,8 @@ def ddim_sample(
         a_prev = abar[timesteps[i + 1]].to(x.dtype) if i + 1 < steps else torch.tensor(1.0, dtype=x.dtype)
         copies, _ = guidance_layout(x.shape[0], garment_guidance)
         rows = torch.cat([x] * copies)
-        eps = combine_guidance(eps_model(rows, t.expand(rows.shape[0]).to(x.dtype)), guidance, garment_guidance)
+        with torch.no_grad():
+            eps = combine_guidance(eps_model(rows, t.expand(rows.shape[0]).to(x.dtype)), guidance, garment_guidance)
         x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
         x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
-    return x
+        yield x
