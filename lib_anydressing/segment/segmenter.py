@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,10 +13,15 @@ from PIL import Image
 from ..images import to_rgb_and_mask
 from .grabcut import grabcut
 from .predictor import CachedPredictor, Prediction
-from .sam_models import build_sam, read_state_dict
+from .sam_models import build_sam, find_sam_files, read_state_dict
 
 GRABCUT = "GrabCut (no SAM model)"
 SAM_HINT = "put a Segment Anything checkpoint (.pth) in models/sam for better masks"
+
+
+def engine_choices(sam_dirs: Iterable[Path]) -> list[str]:
+    """GrabCut, then the SAM files found: the UIs default to the last, so a SAM model when there is one."""
+    return [GRABCUT, *find_sam_files(sam_dirs)]
 
 
 @dataclass

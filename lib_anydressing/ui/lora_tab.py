@@ -1,7 +1,8 @@
-"""'Train garment LoRA': dataset import, caption editor, training with progress. Gradio wiring, and the
-background job that runs the trainer while the UI polls it; the logic is in garment_lora/.
+"""'Train garment LoRA': dataset import, caption editor, training with progress; the logic is in garment_lora/.
 
-No `from __future__ import annotations` here: gradio finds the `gr.SelectData` parameter by its annotation.
+Here: the background job that runs the trainer while the UI polls it, the hosts it trains on, the Train
+section's handlers (TrainingControls), and the one place that wires all handlers to the components
+(`_wire`). The components are in lora_tab_layout.py, the dataset and caption handlers in lora_tab_dataset.py.
 """
 
 import math
@@ -17,15 +18,21 @@ from typing import Any, Protocol
 import gradio as gr
 import torch
 
-from ..garment_lora import captions as cap
-from ..garment_lora.dataset import BG_SEGMENT, ImportOptions, background_choices, dataset_images, folder_sources
-from ..garment_lora.dataset import import_images as run_import
 from ..garment_lora.trainer import PRESETS, Progress, TrainConfig, check_name, train_lora
-from ..images import ImageInputError
 from ..sd_checkpoint import StableDiffusion, load_sd_checkpoint
-from ..segment.sam_models import SamModelError, find_sam_files
-from ..segment.segmenter import GRABCUT, Segmenter
-from .segment_tab import SEGMENTER
+from ..segment.segmenter import engine_choices
+from .lora_tab_dataset import (
+    DatasetImport,
+    ImportSettings,
+    add_to_end,
+    add_to_front,
+    remove_from_all,
+    replace_in_all,
+    save_caption,
+    select_image,
+    show_dataset,
+)
+from .lora_tab_layout import LoraLayout, lora_layout
 
 
 class TrainingHost(Protocol):
@@ -119,207 +126,64 @@ def build(
     host: TrainingHost,
 ) -> None:
     """Components of the tab, inside the caller's Blocks/Tab context."""
-    paths = gr.State([])  # the gallery's image paths, in order
-    with gr.Accordion("1. Dataset: import photos of the garment", open=True):
-        with gr.Row():
-            dataset_dir = gr.Textbox(str(output_dir / "lora_train" / "dataset"), label="Dataset folder",
-                                     elem_id="anydressing_lora_dataset_dir")  # fmt: skip
-            source_dir = gr.Textbox(str(output_dir / "lora_dataset"), label="Import from folder (the Segment tab's "
-                                    "'Add to LoRA dataset' saves here)", elem_id="anydressing_lora_source")  # fmt: skip
-        uploads = gr.File(label="...or upload photos", file_count="multiple", elem_id="anydressing_lora_uploads")
-        with gr.Row():
-            background = gr.Radio(background_choices(), value=BG_SEGMENT, label="Background (an existing alpha is "
-                                  "always kept)")  # fmt: skip
-            models = _sam_choices(sam_dirs)
-            sam_model = gr.Dropdown(models, value=models[-1], label="Segmentation model")
-        with gr.Row():
-            size = gr.Radio([512, 768, 1024], value=512, label="Size (square side, or long side)")
-            shape = gr.Radio(["square", "keep aspect (buckets)"], value="square", label="Shape")
-            margin = gr.Slider(0, 0.3, 0.05, step=0.01, label="Margin around the garment")
-        with gr.Row():
-            trigger = gr.Textbox("zxq", label="Trigger word", elem_id="anydressing_lora_trigger")
-            class_word = gr.Textbox("shirt", label="Class word", elem_id="anydressing_lora_class")
-            tagger_dir = gr.Textbox("", label="WD14 tagger folder (model.onnx + selected_tags.csv; empty: no tags)")
-            threshold = gr.Slider(0.1, 0.9, 0.35, step=0.05, label="Tag threshold")
-        with gr.Row():
-            import_folder = gr.Button("Import from folder", elem_id="anydressing_lora_import_folder")
-            import_uploads = gr.Button("Import uploads", elem_id="anydressing_lora_import_uploads")
-        import_note = gr.Markdown(elem_id="anydressing_lora_import_note")
-        report = gr.Dataframe(headers=["file", "result"], interactive=False, wrap=True,
-                              elem_id="anydressing_lora_report")  # fmt: skip
+    cuda = torch.cuda.is_available()
+    ui = lora_layout(output_dir, engine_choices(sam_dirs()), host.lora_dir(), host.uses_loaded_model, cuda)
+    _wire(ui, DatasetImport(sam_dirs), TrainingControls(host, list(ui.training_inputs()), cuda))
 
-    with gr.Accordion("2. Captions", open=True), gr.Row():
-        with gr.Column(scale=3):
-            gallery = gr.Gallery(label="Dataset (click an image to edit its caption)", columns=6, height=360,
-                                 allow_preview=False, elem_id="anydressing_lora_gallery")  # fmt: skip
-            refresh = gr.Button("Reload the dataset folder")
-        with gr.Column(scale=2):
-            selected = gr.Textbox(label="Image", interactive=False, elem_id="anydressing_lora_selected")
-            caption = gr.Textbox(label="Caption (comma-separated tags)", lines=3, elem_id="anydressing_lora_caption")
-            save_caption = gr.Button("Save caption", variant="primary", elem_id="anydressing_lora_save_caption")
-            with gr.Row():
-                tag = gr.Textbox(label="Tag", elem_id="anydressing_lora_tag")
-                new_tag = gr.Textbox(label="Replace with")
-            with gr.Row():
-                add_end = gr.Button("Add to all (end)")
-                add_front = gr.Button("Add to all (front)")
-                remove = gr.Button("Remove from all")
-                replace = gr.Button("Replace in all")
-            caption_note = gr.Markdown(elem_id="anydressing_lora_caption_note")
-            counts = gr.Dataframe(headers=["tag", "images"], interactive=False, label="Tag counts",
-                                  elem_id="anydressing_lora_counts")  # fmt: skip
 
-    with gr.Accordion("3. Train", open=True):
-        with gr.Row():
-            name = gr.Textbox("my_garment", label="LoRA name", elem_id="anydressing_lora_name")
-            overwrite = gr.Checkbox(False, label="Overwrite an existing LoRA of that name")
-            out_dir = gr.Textbox(str(host.lora_dir()), label="Save to folder", visible=not host.uses_loaded_model)
-        with gr.Row(visible=not host.uses_loaded_model):
-            checkpoint = gr.Textbox("", label="SD1.x checkpoint (.safetensors)", elem_id="anydressing_lora_checkpoint")
-            tokenizer = gr.Textbox("", label="CLIP tokenizer folder (vocab.json + merges.txt; empty: the Hugging Face "
-                                   "cache or the clip package)", elem_id="anydressing_lora_tokenizer")  # fmt: skip
-        if host.uses_loaded_model:
-            gr.Markdown("Trains on the checkpoint loaded in the WebUI; it is moved off the GPU while training and "
-                        "restored exactly afterwards. Generations wait until training ends.")  # fmt: skip
-        cuda = torch.cuda.is_available()
-        with gr.Row():
-            preset = gr.Radio(list(PRESETS), value="12 GB", label="VRAM preset (sets batch, precision, checkpointing)")
-            rank = gr.Slider(1, 128, 16, step=1, label="Rank (dim)")
-            alpha = gr.Slider(1, 128, 8, step=1, label="Alpha")
-            epochs = gr.Number(50, precision=0, label="Epochs", elem_id="anydressing_lora_epochs")
-        with gr.Row():
-            lr = gr.Number(1e-4, label="Learning rate")
-            batch = gr.Slider(1, 8, PRESETS["12 GB"]["batch_size"], step=1, label="Batch size")
-            resolution = gr.Radio([512, 768], value=512, label="Resolution")
-            precision = gr.Radio(["fp16", "bf16", "fp32"] if cuda else ["bf16", "fp32"],
-                                 value="fp16" if cuda else "fp32", label="Precision")  # fmt: skip
-            checkpointing = gr.Checkbox(True, label="Gradient checkpointing (less VRAM, slower)")
-        with gr.Row():
-            train_text = gr.Checkbox(False, label="Text-encoder LoRA")
-            min_snr = gr.Number(5.0, label="Min-SNR gamma (0 = off)")
-            noise_offset = gr.Number(0.0, label="Noise offset")
-            masked = gr.Checkbox(True, label="Masked loss (alpha = garment)")
-            buckets = gr.Checkbox(False, label="Aspect buckets (for 'keep aspect' datasets)")
-        with gr.Row():
-            sample_every = gr.Number(10, precision=0, label="Sample every N epochs (0 = never)")
-            sample_prompt = gr.Textbox("", label="Sample prompt (empty: the first caption)")
-            resume = gr.Checkbox(True, label="Resume an interrupted run of this name (from its -state.pt)")
-        with gr.Row():
-            start = gr.Button("Start training", variant="primary", elem_id="anydressing_lora_start")
-            interrupt = gr.Button("Interrupt", elem_id="anydressing_lora_interrupt")
-            watch = gr.Button("Show progress of the running training")
-        progress = gr.Markdown(elem_id="anydressing_lora_progress")
-        with gr.Row():
-            loss_plot = gr.LinePlot(x="step", y="loss", title="Loss", width=500, height=260,
-                                    elem_id="anydressing_lora_loss")  # fmt: skip
-            samples = gr.Gallery(label="Samples", columns=4, height=260, elem_id="anydressing_lora_samples")
-        final = gr.Markdown(elem_id="anydressing_lora_final")
-
-    # --- dataset --------------------------------------------------------------------------------------------
-
-    def show_dataset(folder: str):
-        images = dataset_images(Path(folder.strip()))
-        texts = {p: cap.read_caption(p) for p in images}
-        tags = cap.tag_counts(texts.values()).most_common()
-        return (
-            [str(p) for p in images],
-            [(str(p), f"{p.name}: {texts[p]}") for p in images],
-            [list(t) for t in tags] or [["", ""]],
-        )
-
-    dataset_views = [paths, gallery, counts]
-
-    def do_import(sources, folder, bg, sam, side, form, pad, trig, cls, tags_dir, thr, progress=gr.Progress()):  # noqa: B008
-        try:
-            target = Path(folder.strip())
-            if sources is None:
-                raise ValueError("no photos uploaded")
-            if not isinstance(sources, list):
-                source = Path(sources.strip())
-                if source.resolve() == target.resolve():
-                    raise ValueError("the source folder is the dataset folder")
-                sources = folder_sources(source)
-            segmenter, note = _segmenter(sam, sam_dirs)
-            make_caption, caption_note = cap.captioner(trig, cls, tags_dir, float(thr))
-            options = ImportOptions(int(side), bg, float(pad), form == "square")
-            rows = run_import(sources, target, options, segmenter, make_caption,
-                              lambda i, n, what: progress((i, n), desc=what))  # fmt: skip
-        except (ValueError, ImageInputError, OSError) as e:
-            return (f"⚠ Nothing imported: {e}", [["", ""]], *show_dataset(folder))
-        imported = sum(r.saved is not None for r in rows)
-        text = f"Imported {imported} of {len(rows)} files into {target}; {caption_note}{note}"
-        return (text, [[r.name, r.result] for r in rows], *show_dataset(folder))
-
-    import_inputs = [dataset_dir, background, sam_model, size, shape, margin, trigger, class_word, tagger_dir,
-                     threshold]  # fmt: skip
-    import_outputs = [import_note, report, *dataset_views]
-    import_folder.click(do_import, [source_dir, *import_inputs], import_outputs)
-
-    def uploaded(files, *rest):
-        named = None if not files else [(Path(getattr(f, "orig_name", "") or f.name).name, Path(f.name)) for f in files]
-        return do_import(named, *rest)
-
-    import_uploads.click(uploaded, [uploads, *import_inputs], import_outputs)
-    refresh.click(show_dataset, [dataset_dir], dataset_views, queue=False)
-
-    # --- captions -------------------------------------------------------------------------------------------
-
-    def on_select(image_paths: list[str], evt: gr.SelectData):
-        if not image_paths or evt.index >= len(image_paths):
-            return "", ""
-        path = Path(image_paths[evt.index])
-        return str(path), cap.read_caption(path)
-
-    gallery.select(on_select, [paths], [selected, caption], queue=False)
-
-    def on_save(image: str, text: str, folder: str):
-        if not image or not Path(image).is_file():
-            return ("Select an image in the gallery first.", *show_dataset(folder))
-        cap.write_caption(Path(image), text)
-        return (f"Saved {cap.caption_path(Path(image)).name}", *show_dataset(folder))
-
-    save_caption.click(on_save, [selected, caption, dataset_dir], [caption_note, *dataset_views], queue=False)
-
-    def batch_edit(action: str):
-        def handler(folder: str, what: str, replacement: str, image: str):
-            edits = {
-                "add_end": lambda t: cap.add_tag(t, what),
-                "add_front": lambda t: cap.add_tag(t, what, front=True),
-                "remove": lambda t: cap.remove_tag(t, what),
-                "replace": lambda t: cap.replace_tag(t, what, replacement),
-            }
-            if not cap.split_tags(what):
-                return ("Type a tag first.", gr.update(), *show_dataset(folder))
-            changed = cap.edit_all(Path(folder.strip()), edits[action])
-            current = cap.read_caption(Path(image)) if image else gr.update()
-            return (f"{changed} caption(s) changed", current, *show_dataset(folder))
-
-        return handler
-
-    for button, action in ((add_end, "add_end"), (add_front, "add_front"), (remove, "remove"), (replace, "replace")):
-        button.click(batch_edit(action), [dataset_dir, tag, new_tag, selected], [caption_note, caption, *dataset_views],
+def _wire(ui: LoraLayout, importer: DatasetImport, training: "TrainingControls") -> None:
+    """Every event of the tab. The quick handlers skip the queue; imports and training, long and showing
+    progress, use it."""
+    d, c, s, run = ui.dataset, ui.captions, ui.settings, ui.run
+    import_inputs = ImportSettings.inputs(d)
+    import_outputs = [d.import_note, d.report, *ui.dataset_views]
+    d.import_folder.click(importer.from_folder, [d.source_dir, *import_inputs], import_outputs)
+    d.import_uploads.click(importer.from_uploads, [d.uploads, *import_inputs], import_outputs)
+    c.refresh.click(show_dataset, [d.dataset_dir], ui.dataset_views, queue=False)
+    c.gallery.select(select_image, [ui.paths], [c.selected, c.caption], queue=False)
+    c.save.click(save_caption, [c.selected, c.caption, d.dataset_dir], [c.note, *ui.dataset_views], queue=False)
+    for button, edit in (
+        (c.add_end, add_to_end), (c.add_front, add_to_front), (c.remove, remove_from_all), (c.replace, replace_in_all)
+    ):  # fmt: skip
+        button.click(edit, [d.dataset_dir, c.tag, c.new_tag, c.selected], [c.note, c.caption, *ui.dataset_views],
                      queue=False)  # fmt: skip
+    s.preset.change(training.preset, [s.preset], [s.batch, s.precision, s.checkpointing], queue=False)
+    d.shape.change(_buckets_for, [d.shape], [s.buckets], queue=False)
+    run.start.click(training.start, list(ui.training_inputs().values()), run.views)
+    run.watch.click(training.poll, None, run.views)
+    run.interrupt.click(training.interrupt, None, [run.final], queue=False)
+    d.dataset_dir.blur(show_dataset, [d.dataset_dir], ui.dataset_views, queue=False)
 
-    # --- training -------------------------------------------------------------------------------------------
 
-    def on_preset(which: str):
+def _buckets_for(shape: str) -> bool:
+    """Aspect buckets on for a 'keep aspect' dataset, off for a square one."""
+    return shape != "square"
+
+
+class TrainingControls:
+    """The Train section's handlers: start a run on JOB and follow it, follow the running one, interrupt it.
+    `names`: run_training's setting names, in the order of the Start button's inputs."""
+
+    def __init__(self, host: TrainingHost, names: list[str], cuda: bool) -> None:
+        self.host = host
+        self.names = names
+        self.cuda = cuda
+
+    def preset(self, which: str) -> tuple[int, str, bool]:
+        """A VRAM preset's batch size, precision (fp32 without CUDA) and gradient checkpointing."""
         values = PRESETS[which]
-        wanted = values["mixed_precision"] if cuda else "fp32"
+        wanted = values["mixed_precision"] if self.cuda else "fp32"
         return values["batch_size"], wanted, values["gradient_checkpointing"]
 
-    preset.change(on_preset, [preset], [batch, precision, checkpointing], queue=False)
-    shape.change(lambda form: form != "square", [shape], [buckets], queue=False)
+    def start(self, *values: Any) -> Iterator[list]:
+        """Start a run with the settings' values, then follow it; refused while one runs."""
+        chosen = dict(zip(self.names, values, strict=True))
+        if not JOB.start(lambda job: run_training(job, self.host, chosen)):
+            yield [gr.update(), gr.update(), gr.update(), "A training run is already going: Interrupt it first."]
+            return
+        yield from self.poll()
 
-    settings = {
-        "dataset_dir": dataset_dir, "name": name, "overwrite": overwrite, "out_dir": out_dir,
-        "checkpoint": checkpoint, "tokenizer": tokenizer, "rank": rank, "alpha": alpha, "epochs": epochs,
-        "learning_rate": lr, "batch_size": batch, "resolution": resolution, "mixed_precision": precision,
-        "gradient_checkpointing": checkpointing, "train_text_encoder": train_text, "min_snr_gamma": min_snr,
-        "noise_offset": noise_offset, "masked_loss": masked, "buckets": buckets, "sample_every_epochs": sample_every,
-        "sample_prompt": sample_prompt, "resume": resume, "trigger": trigger, "class_word": class_word,
-    }  # fmt: skip
-    views = [progress, loss_plot, samples, final]
-
+    @staticmethod
     def poll() -> Iterator[list]:
         """Yield the job's view about once a second until it ends, then once more with the final message."""
         while True:
@@ -329,18 +193,13 @@ def build(
                 return
             time.sleep(1.0)
 
-    def on_start(*values):
-        chosen = dict(zip(settings, values, strict=True))
-        if not JOB.start(lambda job: run_training(job, host, chosen)):
-            yield [gr.update(), gr.update(), gr.update(), "A training run is already going: Interrupt it first."]
-            return
-        yield from poll()
-
-    start.click(on_start, list(settings.values()), views)
-    watch.click(poll, None, views)
-    interrupt.click(lambda: (JOB.stop.set(), "Interrupting after this step...")[1] if JOB.running else "Nothing "
-                    "is training.", None, [final], queue=False)  # fmt: skip
-    dataset_dir.blur(show_dataset, [dataset_dir], dataset_views, queue=False)
+    @staticmethod
+    def interrupt() -> str:
+        """Ask the running job to stop after its current step (the trainer checks between steps)."""
+        if not JOB.running:
+            return "Nothing is training."
+        JOB.stop.set()
+        return "Interrupting after this step..."
 
 
 def _loss_frame(losses: list[tuple[int, float]]):
@@ -350,23 +209,6 @@ def _loss_frame(losses: list[tuple[int, float]]):
 
     finite = [(step, loss) for step, loss in losses if math.isfinite(loss)]
     return pd.DataFrame(finite, columns=["step", "loss"]) if finite else None
-
-
-def _sam_choices(sam_dirs: Callable[[], list[Path]]) -> list[str]:
-    """GrabCut, then the SAM files: the last one is the default, so a SAM model is used when there is one."""
-    return [GRABCUT, *find_sam_files(sam_dirs())]
-
-
-def _segmenter(choice: str, sam_dirs: Callable[[], list[Path]]) -> tuple[Segmenter, str]:
-    """The shared segmenter with the chosen SAM model (one SAM per process, shared with the Segment tab),
-    or a model-free one for GrabCut (leaving the Segment tab's model loaded); a note on a fallback."""
-    if choice == GRABCUT:
-        return Segmenter(), ""
-    try:
-        SEGMENTER.load(find_sam_files(sam_dirs()).get(choice))
-    except (SamModelError, RuntimeError) as e:
-        return Segmenter(), f" (SAM could not load: {e}; GrabCut was used)"
-    return SEGMENTER, ""
 
 
 class CheckpointHost:

@@ -1,30 +1,31 @@
-"""'Segment garment': click on a garment, get its cutout. Gradio wiring only; the logic is in segment/.
+"""'Segment garment': click on a garment, get its cutout. The tab's gradio side; the logic is in segment/.
 
+The components are in segment_tab_layout.py; here are the handlers (SegmentHandlers), the one place that
+wires them to the components (`_wire`), and the Brush's values across gradio 3 and 4.
 No `from __future__ import annotations` here: gradio finds the `gr.SelectData` parameter by its annotation.
 """
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import gradio as gr
 import numpy as np
-import torch
 from PIL import Image
 
 from ..images import ImageInputError
 from ..segment.batch import Template, segment_folder
 from ..segment.outputs import free_path
 from ..segment.sam_models import SamModelError, find_sam_files
-from ..segment.segmenter import GRABCUT, SAM_HINT, Segmenter, as_rgb_array
-from ..segment.session import BOX, NEGATIVE, POSITIVE, MaskEdits, SegmentState
+from ..segment.segmenter import GRABCUT, SAM_HINT, Segmenter, as_rgb_array, engine_choices
+from ..segment.session import MaskEdits, SegmentState
 from .gradio_compat import GRADIO_4, js_argument
+from .segment_tab_layout import LARGEST, LOAD_PREVIEW, SegmentLayout, segment_layout
 
 SEGMENTER = Segmenter()  # one SAM model per process, freed on request
-LARGEST, FROM_PHOTO = "largest object", "the prompts clicked on the photo above"
-LOAD_PREVIEW = "Load the preview to paint on"
+Views = tuple[Any, ...]  # the values of SegmentLayout.views, in its order
 
 
 @dataclass
@@ -36,217 +37,216 @@ class SendTarget:
     switch_js: str = ""  # the WebUI's own tab-switch call, e.g. "switch_to_txt2img()"
 
 
+class Edits(NamedTuple):
+    """The values of SegmentLayout.edit_inputs, which every handler gets after its own inputs."""
+
+    grow: float
+    feather: float
+    fill_holes: bool
+    largest_only: bool
+    invert: bool
+    choice: str  # "best" or a candidate's number
+    square_size: int
+
+    def mask(self) -> MaskEdits:
+        return MaskEdits(int(self.grow), int(self.feather), self.fill_holes, self.largest_only, self.invert)
+
+
 def build(sam_dirs: Callable[[], list[Path]], output_dir: Path, send_targets: list[SendTarget] = ()) -> None:
     """Components of the tab, inside the caller's Blocks/Tab context. `send_targets` come from the
     WebUI (garment slots, inpaint upload); standalone there are none and no Send control."""
-    state = gr.State(SegmentState())
-    with gr.Row():
-        with gr.Column():
-            photo = gr.Image(label="Photo: click on the garment", type="pil", elem_id="anydressing_segment_photo")
-            with gr.Row():
-                mode = gr.Radio([POSITIVE, NEGATIVE, BOX], value=POSITIVE, label="Click adds",
-                                elem_id="anydressing_segment_mode")  # fmt: skip
-            with gr.Row():
-                undo = gr.Button("Undo", elem_id="anydressing_segment_undo")
-                clear = gr.Button("Clear", elem_id="anydressing_segment_clear")
-            with gr.Row():
-                model = gr.Dropdown(_choices(sam_dirs), value=GRABCUT, label="Segmentation model")
-                device = gr.Radio(
-                    ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"], value="cpu", label="Device"
-                )
-            with gr.Row():
-                refresh = gr.Button("Refresh models")
-                free = gr.Button("Free model")
-            status = gr.Markdown(_status(), elem_id="anydressing_segment_status")
-        with gr.Column():
-            preview = gr.Image(label="Preview", type="pil", interactive=False, elem_id="anydressing_segment_preview")
-            candidates = gr.Gallery(label="SAM candidates", columns=3, height=160)
-            choice = gr.Radio(["best", "1", "2", "3"], value="best", label="Use candidate")
-            with gr.Row():
-                grow = gr.Slider(-30, 30, 0, step=1, label="Grow (+) / shrink (-), px")
-                feather = gr.Slider(0, 30, 0, step=1, label="Feather, px")
-            with gr.Row():
-                fill = gr.Checkbox(False, label="Fill holes")
-                largest = gr.Checkbox(False, label="Largest part only")
-                invert = gr.Checkbox(False, label="Invert")
-    with gr.Accordion("Brush: paint over the preview, then add or subtract", open=False):
-        brush = brush_canvas("anydressing_segment_brush")
-        with gr.Row():
-            brush_add = gr.Button("Add strokes to the mask")
-            brush_sub = gr.Button("Subtract strokes from the mask")
-            brush_load = gr.Button(LOAD_PREVIEW)
-    with gr.Row():
-        cutout_out = gr.Image(label="Cutout (RGBA)", type="pil", image_mode="RGBA", interactive=False,
-                              elem_id="anydressing_segment_cutout")  # fmt: skip
-        mask_out = gr.Image(label="Mask", type="pil", interactive=False)
-        square_out = gr.Image(label="Garment on white", type="pil", interactive=False)
-    with gr.Row():
-        square_size = gr.Radio([512, 768], value=512, label="Square size")
-        save = gr.Button("Save to outputs", variant="primary")
-        to_dataset = gr.Button("Add to LoRA dataset")
-        saved = gr.Markdown()
-    if send_targets:
-        with gr.Row():
-            send_to = gr.Dropdown(
-                [t.label for t in send_targets],
-                value=send_targets[0].label,
-                label="Send to",
-                elem_id="anydressing_segment_send_to",
-            )
-            send = gr.Button("Send")
+    ui = segment_layout(engine_choices(sam_dirs()), _status(), output_dir / "batch", [t.label for t in send_targets])
+    _wire(ui, SegmentHandlers(sam_dirs, output_dir, list(send_targets)))
 
-    with gr.Accordion("Batch: a whole folder", open=False):
-        with gr.Row():
-            batch_in = gr.Textbox(label="Folder of photos")
-            batch_out = gr.Textbox(str(output_dir / "batch"), label="Output folder")
-            template = gr.Radio([LARGEST, FROM_PHOTO], value=LARGEST, label="Prompt for every photo")
-        batch_run = gr.Button("Run on the folder")
-        batch_report = gr.Dataframe(headers=["file", "result"], interactive=False, wrap=True)
 
-    edits_inputs = [grow, feather, fill, largest, invert, choice, square_size]
-    views = [preview, candidates, cutout_out, mask_out, square_out, status]
+def _wire(ui: SegmentLayout, on: "SegmentHandlers") -> None:
+    """Every event of the tab. Handlers that change the session state get it and give it back first."""
+    p, b, o, edits = ui.prompts, ui.brush, ui.outputs, ui.edit_inputs
+    state, views = ui.state, ui.views
+    p.photo.upload(on.upload, [state, p.photo, *edits], [state, *views])
+    p.photo.select(on.click, [state, p.mode, *edits], [state, *views])
+    p.undo.click(on.undo, [state, *edits], [state, *views])
+    p.clear.click(on.clear, [state, *edits], [state, *views])
+    p.model.change(on.change_model, [state, p.model, p.device, *edits], [state, *views])
+    p.device.change(on.change_model, [state, p.model, p.device, *edits], [state, *views])
+    p.refresh.click(on.refresh_models, outputs=[p.model])
+    p.free.click(on.free_model, outputs=[p.model, p.status])
+    for component in edits:
+        component.change(on.rerender, [state, *edits], views)
+    o.save.click(on.save, [state, *edits], [o.saved])
+    o.to_dataset.click(on.add_to_dataset, [state, *edits], [o.saved])
+    if ui.send is not None:
+        targets = [c for t in on.send_targets for c in t.components]
+        ui.send.send.click(on.send, [state, ui.send.target, *edits], targets).then(
+            None, [ui.send.target], None, **js_argument(_switch_tab_js(on.send_targets))
+        )
+    b.add.click(on.paint_add, [state, b.canvas, *edits], [state, *views])
+    b.subtract.click(on.paint_subtract, [state, b.canvas, *edits], [state, *views])
+    b.load.click(on.load_brush, [state, *edits], [b.canvas])
+    batch = ui.batch
+    batch.run.click(on.run_batch, [state, batch.folder, batch.out, batch.template, *edits], [batch.report])
 
-    def render(st: SegmentState, grow_px, feather_px, fill_holes, largest_only, inverted, chosen, size):
-        st.choice = None if chosen == "best" else int(chosen) - 1
-        edits = MaskEdits(int(grow_px), int(feather_px), fill_holes, largest_only, inverted)
-        outs = st.outputs(edits, int(size))
-        gallery = []
-        if st.result is not None and st.result.candidates is not None:
-            c = st.result.candidates
-            gallery = [(Image.fromarray(m.astype(np.uint8) * 255), f"{i + 1}: score {s:.2f}")
-                       for i, (m, s) in enumerate(zip(c.masks, c.scores, strict=True))]  # fmt: skip
-        engine = st.result.engine if st.result is not None else SEGMENTER.engine
-        return (st.overlay(edits), gallery, *(outs or (None, None, None)), _status(engine))
 
-    def on_upload(st: SegmentState, image, *edits):
+class SegmentHandlers:
+    """The tab's event handlers, gradio functions taking the inputs' values positionally (see `_wire`):
+    their own inputs, then `*edits`, the values of SegmentLayout.edit_inputs (read as Edits)."""
+
+    def __init__(self, sam_dirs: Callable[[], list[Path]], output_dir: Path, send_targets: list[SendTarget]) -> None:
+        self.sam_dirs = sam_dirs
+        self.output_dir = output_dir
+        self.send_targets = send_targets
+
+    def upload(self, st: SegmentState, image: Image.Image | None, *edits: Any) -> tuple:
         try:
             st.set_image(None if image is None else as_rgb_array(image))
         except ImageInputError as e:
             st.set_image(None)
-            return (st, *render(st, *edits)[:-1], f"⚠ {e}")
-        return (st, *render(st, *edits))
+            return self._shown(st, edits, problem=str(e))
+        return self._shown(st, edits)
 
-    def on_click(st: SegmentState, click_mode, evt: gr.SelectData, *edits):
+    def click(self, st: SegmentState, click_mode: str, evt: gr.SelectData, *edits: Any) -> tuple:
         if st.image is not None:
             st.click(float(evt.index[0]), float(evt.index[1]), click_mode)
             st.run(SEGMENTER)
-        return (st, *render(st, *edits))
+        return self._shown(st, edits)
 
-    def on_edit(action: str):
-        def handler(st: SegmentState, *edits):
-            getattr(st, action)()
-            st.run(SEGMENTER) if st.points or st.box else setattr(st, "result", None)
-            return (st, *render(st, *edits))
+    def undo(self, st: SegmentState, *edits: Any) -> tuple:
+        return self._change_prompts(st, st.undo, edits)
 
-        return handler
+    def clear(self, st: SegmentState, *edits: Any) -> tuple:
+        return self._change_prompts(st, st.clear, edits)
 
-    def on_model(st: SegmentState, name, dev, *edits):
+    def change_model(self, st: SegmentState, name: str, device: str, *edits: Any) -> tuple:
+        """Load the chosen model (GrabCut on failure, saying why) and segment the same prompts again."""
         try:
-            files = find_sam_files(sam_dirs())
-            SEGMENTER.load(None if name == GRABCUT else files.get(name), dev)
+            SEGMENTER.load(None if name == GRABCUT else find_sam_files(self.sam_dirs()).get(name), device)
         except (SamModelError, RuntimeError) as e:
             SEGMENTER.load(None)
-            return (st, *render(st, *edits)[:-1], f"⚠ {e}. Using {GRABCUT}.")
+            return self._shown(st, edits, problem=f"{e}. Using {GRABCUT}.")
         if st.points or st.box:
             st.result = None
             st.run(SEGMENTER)
-        return (st, *render(st, *edits))
+        return self._shown(st, edits)
 
-    def on_save(st: SegmentState, *edits):
-        outs = st.outputs(_edits(edits), int(edits[6]))
+    def refresh_models(self) -> dict[str, Any]:
+        return gr.update(choices=engine_choices(self.sam_dirs()))
+
+    def free_model(self) -> tuple[dict[str, Any], str]:
+        SEGMENTER.free()
+        return gr.update(value=GRABCUT), _status()
+
+    def rerender(self, st: SegmentState, *edits: Any) -> Views:
+        return _render(st, Edits(*edits))
+
+    def paint_add(self, st: SegmentState, painted: Any, *edits: Any) -> tuple:
+        return self._shown(st, edits, problem=apply_strokes(st, painted, add=True))
+
+    def paint_subtract(self, st: SegmentState, painted: Any, *edits: Any) -> tuple:
+        return self._shown(st, edits, problem=apply_strokes(st, painted, add=False))
+
+    def load_brush(self, st: SegmentState, *edits: Any) -> Image.Image | dict[str, Any] | None:
+        return brush_value(st.overlay(Edits(*edits).mask()))
+
+    def save(self, st: SegmentState, *edits: Any) -> str:
+        """The three results into the output folder, under names that are free."""
+        outs = _results(st, Edits(*edits))
         if outs is None:
             return "Nothing to save yet: click on the garment first."
         names = []
         for image, stem in zip(outs, ("garment-cutout", "garment-mask", "garment-square"), strict=True):
-            path = free_path(output_dir, stem)
+            path = free_path(self.output_dir, stem)
             image.save(path)
             names.append(path.name)
-        return f"Saved to {output_dir}: " + ", ".join(names)
+        return f"Saved to {self.output_dir}: " + ", ".join(names)
 
-    photo.upload(on_upload, [state, photo, *edits_inputs], [state, *views])
-    photo.select(on_click, [state, mode, *edits_inputs], [state, *views])
-    undo.click(on_edit("undo"), [state, *edits_inputs], [state, *views])
-    clear.click(on_edit("clear"), [state, *edits_inputs], [state, *views])
-    model.change(on_model, [state, model, device, *edits_inputs], [state, *views])
-    device.change(on_model, [state, model, device, *edits_inputs], [state, *views])
-    refresh.click(lambda: gr.update(choices=_choices(sam_dirs)), outputs=[model])
-    free.click(lambda: (SEGMENTER.free(), gr.update(value=GRABCUT), _status())[1:], outputs=[model, status])
-    for component in edits_inputs:
-        component.change(lambda st, *e: render(st, *e), [state, *edits_inputs], views)
-    save.click(on_save, [state, *edits_inputs], [saved])
-
-    def on_dataset(st: SegmentState, *edits):
-        outs = st.outputs(_edits(edits), int(edits[6]))
+    def add_to_dataset(self, st: SegmentState, *edits: Any) -> str:
+        """The RGBA cutout where the LoRA tab imports from: its alpha lets training mask the loss to the garment."""
+        outs = _results(st, Edits(*edits))
         if outs is None:
             return "Nothing to add yet: click on the garment first."
-        path = free_path(output_dir / "lora_dataset", "garment")
-        outs[0].save(path)  # the RGBA cutout: its alpha lets training mask the loss to the garment
+        path = free_path(self.output_dir / "lora_dataset", "garment")
+        outs[0].save(path)
         return f"Added {path.name} to {path.parent}"
 
-    to_dataset.click(on_dataset, [state, *edits_inputs], [saved])
-
-    if send_targets:
-        outputs = [c for t in send_targets for c in t.components]
-
-        def on_send(st: SegmentState, label, *edits):
-            outs = st.outputs(_edits(edits), int(edits[6]))
-            updates: list[Any] = [gr.update() for _ in outputs]
-            if outs is not None:
-                start = 0
-                for target in send_targets:
-                    if target.label == label:
-                        whole_photo = Image.fromarray(st.image)
-                        values = [outs[0]] if len(target.components) == 1 else [whole_photo, outs[1]]
-                        updates[start : start + len(values)] = values
-                    start += len(target.components)
+    def send(self, st: SegmentState, label: str, *edits: Any) -> list[Any]:
+        """Values for every send target's components: the chosen target gets the cutout (a garment slot) or
+        the whole photo and the mask (an inpaint pair); the others stay as they are."""
+        outs = _results(st, Edits(*edits))
+        updates: list[Any] = [gr.update() for t in self.send_targets for _ in t.components]
+        if outs is None:
             return updates
+        start = 0
+        for target in self.send_targets:
+            if target.label == label:
+                values = [outs[0]] if len(target.components) == 1 else [Image.fromarray(st.image), outs[1]]
+                updates[start : start + len(values)] = values
+            start += len(target.components)
+        return updates
 
-        calls = json.dumps({t.label: t.switch_js for t in send_targets})
-        switch_tab = "(label) => { const call = " + calls + "[label]; if (call) { try { new Function(call)(); }"
-        switch_tab += " catch (e) { console.warn(e); } } return []; }"  # the WebUI's switch_to_* may be absent
-        send.click(on_send, [state, send_to, *edits_inputs], outputs).then(
-            None, [send_to], None, **js_argument(switch_tab)
-        )
-
-    def on_brush(add: bool):
-        def handler(st: SegmentState, painted, *edits):
-            problem = apply_strokes(st, painted, add)
-            shown = render(st, *edits)
-            return (st, *shown) if problem is None else (st, *shown[:-1], f"⚠ {problem}")
-
-        return handler
-
-    brush_add.click(on_brush(True), [state, brush, *edits_inputs], [state, *views])
-    brush_sub.click(on_brush(False), [state, brush, *edits_inputs], [state, *views])
-    brush_load.click(lambda st, *e: brush_value(st.overlay(_edits(e))), [state, *edits_inputs], [brush])
-
-    def on_batch(st: SegmentState, folder, out, which, *edits, progress=gr.Progress()):  # noqa: B008
+    def run_batch(
+        self,
+        st: SegmentState,
+        folder: str,
+        out: str,
+        which: str,
+        *edits: Any,
+        progress: gr.Progress = gr.Progress(),  # noqa: B008
+    ) -> list[list[str]]:
+        """The folder's photos segmented with the largest object or this photo's prompts; a row per file."""
+        e = Edits(*edits)
         try:
             chosen = Template.largest_object() if which == LARGEST else Template.from_state(st)
             report = segment_folder(
-                Path(folder.strip()), Path(out.strip()), chosen, SEGMENTER,
-                _edits(edits), int(edits[6]),
+                Path(folder.strip()), Path(out.strip()), chosen, SEGMENTER, e.mask(), int(e.square_size),
                 lambda i, n, name: progress((i, n), desc=name),
             )  # fmt: skip
-        except ValueError as e:
-            return [["(batch)", f"not run: {e}"]]
+        except ValueError as error:
+            return [["(batch)", f"not run: {error}"]]
         return [list(row) for row in report]
 
-    batch_run.click(on_batch, [state, batch_in, batch_out, template, *edits_inputs], [batch_report])
+    def _change_prompts(self, st: SegmentState, change: Callable[[], None], edits: Sequence[Any]) -> tuple:
+        """Undo or clear, then segment what prompts are left (no mask when none are)."""
+        change()
+        if st.points or st.box:
+            st.run(SEGMENTER)
+        else:
+            st.result = None
+        return self._shown(st, edits)
+
+    def _shown(self, st: SegmentState, edits: Sequence[Any], problem: str | None = None) -> tuple:
+        """The state and its views; `problem`, when given, is shown instead of the status line."""
+        views = _render(st, Edits(*edits))
+        return (st, *views) if problem is None else (st, *views[:-1], f"⚠ {problem}")
 
 
-def brush_canvas(elem_id: str) -> gr.components.Component:
-    """The canvas the Brush paints on. gradio 3 (A1111): an Image with the sketch tool. gradio 4 (Forge)
-    dropped `tool`: an ImageEditor with one RGBA layer, a brush and an eraser, no crop, and no upload
-    (the preview is loaded into it), so it opens on the brush."""
-    if GRADIO_4:
-        return gr.ImageEditor(
-            label="Paint here", type="numpy", image_mode="RGBA", sources=[], transforms=[],
-            layers=False, brush=gr.Brush(colors=["rgb(255, 0, 200)"], color_mode="fixed"),
-            interactive=True, elem_id=elem_id,
-        )  # fmt: skip
-    return gr.Image(label="Paint here", tool="sketch", type="numpy", source="upload", interactive=True,
-                    elem_id=elem_id)  # fmt: skip
+def _render(st: SegmentState, edits: Edits) -> Views:
+    """The views of `st` with `edits` applied; also records the chosen candidate in `st` for the outputs."""
+    st.choice = None if edits.choice == "best" else int(edits.choice) - 1
+    mask_edits = edits.mask()
+    outs = st.outputs(mask_edits, int(edits.square_size))
+    engine = st.result.engine if st.result is not None else SEGMENTER.engine
+    return (st.overlay(mask_edits), _candidates(st), *(outs or (None, None, None)), _status(engine))
+
+
+def _candidates(st: SegmentState) -> list[tuple[Image.Image, str]]:
+    """SAM's candidate masks with their scores, for the gallery; none from GrabCut."""
+    if st.result is None or st.result.candidates is None:
+        return []
+    c = st.result.candidates
+    return [(Image.fromarray(m.astype(np.uint8) * 255), f"{i + 1}: score {s:.2f}")
+            for i, (m, s) in enumerate(zip(c.masks, c.scores, strict=True))]  # fmt: skip
+
+
+def _results(st: SegmentState, edits: Edits) -> tuple[Image.Image, Image.Image, Image.Image] | None:
+    """Cutout, mask and garment on white, with the candidate chosen when the views were last shown."""
+    return st.outputs(edits.mask(), int(edits.square_size))
+
+
+def _switch_tab_js(send_targets: list[SendTarget]) -> str:
+    """Browser code run after Send: the chosen target's WebUI tab switch; the WebUI's switch_to_* may be absent."""
+    calls = json.dumps({t.label: t.switch_js for t in send_targets})
+    switch_tab = "(label) => { const call = " + calls + "[label]; if (call) { try { new Function(call)(); }"
+    return switch_tab + " catch (e) { console.warn(e); } } return []; }"
 
 
 def brush_value(image: Image.Image | None) -> Image.Image | dict[str, Any] | None:
@@ -293,14 +293,6 @@ def _painted(plane: np.ndarray) -> np.ndarray:
     if plane.ndim == 3:
         plane = plane[..., 3] if plane.shape[2] == 4 else plane.max(axis=2)
     return plane > 0
-
-
-def _edits(values) -> MaskEdits:
-    return MaskEdits(int(values[0]), int(values[1]), *values[2:5])
-
-
-def _choices(sam_dirs: Callable[[], list[Path]]) -> list[str]:
-    return [GRABCUT, *find_sam_files(sam_dirs())]
 
 
 def _status(engine: str | None = None) -> str:
