@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 
+import pytest
 import torch
 from PIL import Image
 
@@ -42,6 +43,7 @@ def test_bench_reports_every_figure(capsys):
     assert result["device"] == "cpu" and result["dtype"] == "float32"
 
 
+@pytest.mark.slow  # two UNets, a VAE and several sampling loops
 def test_whole_bench_dresses_with_the_webui_defaults(capsys):
     args = ["bench", "--whole", "--json", "--model-channels", "32", "--vae-channels", "32", "--repeats", "1"]
     assert main([*args, "--latent", "16", "8", "--steps", "2", "--n-garments", "1", "2"]) == 0

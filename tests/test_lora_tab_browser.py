@@ -14,7 +14,7 @@ from PIL import Image
 from browser import CHROMIUM, browser_page, standalone_ui, write_photo
 
 playwright = pytest.importorskip("playwright.sync_api")
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")]
 
 
 @pytest.fixture

@@ -361,6 +361,7 @@ def _rank_worker(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two processes
 def test_two_processes_average_gradients_and_save_each_generator(tmp_path):
     import socket
 

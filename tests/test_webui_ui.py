@@ -99,6 +99,7 @@ def test_model_details_show_origin_and_problems(tmp_path):
     assert strength is None and "not a readable safetensors file" in text
 
 
+@pytest.mark.slow  # a real browser
 def test_cutout_sent_from_the_segment_tab_lands_in_a_garment_slot(ui, tmp_path):
     """A1111 builds each tab as its own Blocks and renders them into one page; so does this test."""
     import socket
