@@ -244,7 +244,9 @@ def test_forge_dressing_equals_the_a1111_path(setup, tmp_path, additive, cond_or
         reference.cond_rows = _rows(cond_or_uncond)
         want = unet(x, t, context=context)
     cond, uncond = _rows(cond_or_uncond), _uncond_rows(cond_or_uncond)
-    torch.testing.assert_close(dressed[cond], want[cond], atol=1e-5, rtol=1e-5)
+    # Forge's attention and ldm's sum in other orders: float32 rounding reaches 1.2e-5 (seen on 2 threads);
+    # a wrong garment term moves the output by more than 1e-3 (next line)
+    torch.testing.assert_close(dressed[cond], want[cond], atol=1e-4, rtol=1e-4)
     assert (dressed[cond] - plain[cond]).abs().max() > 1e-3
     assert torch.equal(dressed[uncond], plain[uncond])
     assert p.sd_model.forge_objects.unet is user
