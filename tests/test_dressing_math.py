@@ -56,6 +56,15 @@ def _dress_layer(unet, layer, feats, proj, **kw):
     return Dresser(unet, full, proj, **kw)
 
 
+def _trained_projections(unet, layer):
+    """Dressing-Attention projections whose W'_k/W'_v at `layer` differ from the UNet's W_k/W_v."""
+    proj = DressingProjections.from_unet(unet)
+    wk, wv = proj.pair(layer.name)
+    torch.nn.init.normal_(wk.weight, std=0.3)
+    torch.nn.init.normal_(wv.weight, std=0.3)
+    return proj, wk, wv
+
+
 def _windows(f, grid, s):
     """Each s x s window of an (N, h*w, C) token grid, row by row: (means (N, T', C), token counts (T',))."""
     n, _, c = f.shape
@@ -71,10 +80,7 @@ def test_pooled_additive_is_equation_6_over_pooled_tokens(layer_unet, grid):
     """Eq. 6 with K'/V' from the window means, each mean standing for its tokens (logit + log count)."""
     unet, layer = layer_unet
     attn, h = layer.attn, layer.attn.heads
-    proj = DressingProjections.from_unet(unet)
-    wk, wv = proj.pair(layer.name)
-    torch.nn.init.normal_(wk.weight, std=0.3)
-    torch.nn.init.normal_(wv.weight, std=0.3)
+    proj, wk, wv = _trained_projections(unet, layer)
     f = torch.randn(2, grid[0] * grid[1], layer.dim, generator=torch.Generator().manual_seed(5))
     feats = GarmentFeatures({layer.name: f}, 2, grid)  # the only layer with more than 16 tokens: the finest
     x = torch.randn(3, 20, layer.dim)
@@ -128,10 +134,7 @@ def test_only_the_finest_layers_are_pooled(unet, garments):
 def test_additive_matches_equation_6(layer_unet):
     unet, layer = layer_unet
     attn, h = layer.attn, layer.attn.heads
-    proj = DressingProjections.from_unet(unet)
-    wk, wv = proj.pair(layer.name)
-    torch.nn.init.normal_(wk.weight, std=0.3)
-    torch.nn.init.normal_(wv.weight, std=0.3)
+    proj, wk, wv = _trained_projections(unet, layer)
     feats = _single_layer_features(layer, 2, 10)
     x = torch.randn(3, 20, layer.dim)
     lam, w = 0.7, [1.0, 0.4]

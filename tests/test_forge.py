@@ -229,17 +229,8 @@ def test_forge_dressing_equals_the_a1111_path(setup, tmp_path, additive, cond_or
     assert clone is not user and controller.env.loaded == [clone]  # loaded as the patcher that samples
     dressed = forge_apply(clone, x, t, context, cond_or_uncond)
     session = controller.session
-    prepared = session.prepared
-    reference = Dresser(
-        unet,
-        prepared.features,
-        session.model.projections,
-        strength=session.strength,
-        weights=prepared.weights,
-        regions=prepared.regions,
-        fine_pool=session.opts.fine_pool,
-    )
     controller.finish(unet)
+    reference = session.make_dresser(unet)  # the session's own settings, not installed
     with reference, torch.no_grad():  # the A1111 path: forward patches on the ldm modules, ldm's attention
         reference.cond_rows = _rows(cond_or_uncond)
         want = unet(x, t, context=context)
@@ -395,17 +386,9 @@ def test_garment_guidance_on_forge(setup):
     clone = p.sd_model.forge_objects.unet
     got = cfg_step(clone, x, t, [cond], [uncond], w)
     at_scale_1 = cfg_step(clone, x, t, [cond], [uncond], 1.0)
-    session, prepared = controller.session, controller.session.prepared
-    reference = Dresser(
-        unet,
-        prepared.features,
-        None,
-        strength=session.strength,
-        weights=prepared.weights,
-        regions=prepared.regions,
-        fine_pool=session.opts.fine_pool,
-    )
+    session = controller.session
     controller.finish(unet)
+    reference = session.make_dresser(unet)  # the session's own settings, not installed
     with torch.no_grad():
         u = unet(x, t, context=uncond)
         with reference:  # A1111's path, every row conditional: text with garments, negative prompt with garments

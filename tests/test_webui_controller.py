@@ -21,7 +21,6 @@ from PIL import Image
 
 from lib_anydressing.engine import (
     AnyDressingModel,
-    Dresser,
     DressingProjections,
     GarmentsNet,
     ModelInfo,
@@ -189,16 +188,8 @@ def test_conditional_rows_marked_in_every_layout(setup, mode, repeats):
     dressed = cfg_step(controller, unet, x, cond, uncond, repeats, 0, 10, mode)
     controller.finish(unet)
     # reference: the same features and settings, conditional rows named explicitly, one call
-    prepared, n_cond = session.prepared, sum(repeats)
-    reference = Dresser(
-        unet,
-        prepared.features,
-        None,
-        strength=session.strength,
-        weights=prepared.weights,
-        regions=prepared.regions,
-        fine_pool=session.opts.fine_pool,
-    )
+    n_cond = sum(repeats)
+    reference = session.make_dresser(unet)  # the session's own settings, not installed
     with reference:
         reference.cond_rows = list(range(n_cond))
         want = cfg_step(Controller(FakeEnv([])), unet, x, cond, uncond, repeats, 0, 10, "one_call")
@@ -510,16 +501,7 @@ def test_garment_guidance_gives_magicclothing_joint_guidance(setup):
     session = controller.session
     controller.finish(unet)
     # the three predictions MagicClothing combines, computed row by row with explicit garments
-    prepared = session.prepared
-    reference = Dresser(
-        unet,
-        prepared.features,
-        None,
-        strength=session.strength,
-        weights=prepared.weights,
-        regions=prepared.regions,
-        fine_pool=session.opts.fine_pool,
-    )
+    reference = session.make_dresser(unet)  # the session's own settings, not installed
     t = torch.full((2,), 500.0)
     with torch.no_grad():
         plain_uncond = unet(x, t, context=uncond)
