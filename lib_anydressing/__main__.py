@@ -7,16 +7,16 @@ import os
 import sys
 from pathlib import Path
 
-from . import bench, demo, selftest
+from .anydressing_trainer import bench as bench_train
+from .anydressing_trainer import builder as build_dataset
+from .anydressing_trainer import cli as train
+from .cli import bench, demo, selftest
 from .convert import cli as convert
 from .evaluation import cli as evaluation
 from .garment_lora import bench as bench_lora
 from .garment_lora import cli as train_lora
 from .segment import bench as bench_sam
-from .training import bench as bench_train
-from .training import builder as build_dataset
-from .training import cli as train
-from .ui import cli as ui
+from .tabs import cli as ui
 
 # A1111 puts its own copies of these on sys.path only when it starts (ldm: the SD1.x/2.x model classes
 # the trainers and benches build), so the WebUI's python run from the extension folder lacks them.

@@ -5,7 +5,7 @@ from modules import script_callbacks
 
 from lib_anydressing.convert import convert_dropped
 from lib_anydressing.generation.options import apply_overrides, from_script_args
-from lib_anydressing.webui import env, ui, xyz
+from lib_anydressing.webui import accordion, env, xyz
 from lib_anydressing.webui.controller import Controller
 from lib_anydressing.webui.forge import unet_of
 
@@ -17,7 +17,7 @@ def refresh_models() -> list[str]:
     for folder in dirs:
         for message in convert_dropped(folder):
             print(f"[AnyDressing] {message}")
-    return ui.model_choices(dirs)
+    return accordion.model_choices(dirs)
 
 
 class AnyDressingScript(scripts.Script):
@@ -32,7 +32,7 @@ class AnyDressingScript(scripts.Script):
     def ui(self, is_img2img):
         self.n_slots = env.max_slots()  # the args follow the UI as built, until the UI is reloaded
         tab = "img2img" if is_img2img else "txt2img"
-        components, self.infotext_fields = ui.build(
+        components, self.infotext_fields = accordion.build(
             self.elem_id, self.n_slots, controller.env.model_dirs(), refresh_models, tab
         )
         return components

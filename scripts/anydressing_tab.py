@@ -1,4 +1,4 @@
-"""The AnyDressing tab of the WebUI (Segment garment, Train garment LoRA); built by lib_anydressing.ui like
+"""The AnyDressing tab of the WebUI (Segment garment, Train garment LoRA); built by lib_anydressing.tabs like
 the standalone app."""
 
 from pathlib import Path
@@ -6,10 +6,10 @@ from pathlib import Path
 from modules import paths, script_callbacks
 
 from lib_anydressing.segment import api
-from lib_anydressing.ui.app import EXTENSION_SAM_DIR, build_tabs
-from lib_anydressing.ui.segment_tab import SEGMENTER, SendTarget
+from lib_anydressing.tabs.app import EXTENSION_SAM_DIR, build_tabs
+from lib_anydressing.tabs.segment_tab import SEGMENTER, SendTarget
+from lib_anydressing.webui.accordion import SLOT_IMAGES
 from lib_anydressing.webui.lora_training import WebUIHost
-from lib_anydressing.webui.ui import SLOT_IMAGES
 
 INPAINT_UPLOAD = {}  # A1111's img2img "Inpaint upload" photo and mask, caught as they are created
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_anydressing.engine.sd_unet import TINY_UNET, build_unet
+from lib_anydressing.sd.architectures import TINY_UNET
+from lib_anydressing.sd.random_models import build_unet
 
 LATENT = (24, 16)  # target latent (h, w): a 128x192 portrait, like 512x768 scaled down
 GARMENT = (16, 16)

@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:
 import gradio as gr  # noqa: E402
 
 from lib_anydressing.segment.session import MaskEdits, SegmentState  # noqa: E402
-from lib_anydressing.ui import segment_tab  # noqa: E402
+from lib_anydressing.tabs import segment_tab  # noqa: E402
 
 PHOTO = (40, 30)  # w, h
 PINK = (255, 0, 200)  # the brush's one colour
@@ -158,7 +158,7 @@ def check_gradio_4(tmp: Path) -> list[str]:
 
 def serve(port: int, out: Path) -> None:
     """The standalone app (`python -m lib_anydressing ui`: the tabs and javascript/) on 127.0.0.1."""
-    from lib_anydressing.ui.app import standalone_app
+    from lib_anydressing.tabs.app import standalone_app
 
     standalone_app(lambda: [], out).queue().launch(server_name="127.0.0.1", server_port=port)
 

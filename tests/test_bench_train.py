@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from lib_anydressing.training import bench
+from lib_anydressing.anydressing_trainer import bench
 
 
 def test_bench_model_has_sd15_shapes():

@@ -19,7 +19,8 @@ from lib_anydressing.engine import (
     save_checkpoint,
     self_attention_layers,
 )
-from lib_anydressing.engine.sd_unet import TINY_UNET, build_unet, reinitialise
+from lib_anydressing.sd.architectures import TINY_UNET
+from lib_anydressing.sd.random_models import build_unet, reinitialise
 
 from conftest import run
 

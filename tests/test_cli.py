@@ -85,7 +85,7 @@ def test_demo_with_magicclothing_style_garment_guidance(tmp_path, capsys):
 
 
 def test_guidance_formulas():
-    from lib_anydressing.sampling import combine_guidance, guidance_layout
+    from lib_anydressing.sd.sampling import combine_guidance, guidance_layout
 
     text, garments, uncond = torch.tensor([3.0]), torch.tensor([2.0]), torch.tensor([0.5])
     # docs/method.md CFG (eq. 16) and MagicClothing's OmsDiffusionPipeline, written out here
@@ -123,7 +123,7 @@ def test_cli_without_ldm_says_what_to_install(monkeypatch, capsys):
 
 def test_bench_attention_is_ldms_attention_through_sdpa(unet, inputs):
     """The benches time the attention the WebUIs run (SDPA), which must compute what ldm's does."""
-    from lib_anydressing.engine.sd_unet import sdp_attention
+    from lib_anydressing.sd.attention import sdp_attention
 
     x, t, ctx = inputs
     with torch.no_grad():

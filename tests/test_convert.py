@@ -19,11 +19,12 @@ from safetensors.torch import save_file
 from lib_anydressing.__main__ import main
 from lib_anydressing.convert import ConversionError, convert_dropped, convert_to_file, imagdressing, magicclothing
 from lib_anydressing.convert.safe_load import load_tensors
-from lib_anydressing.convert.unet_keys import convert_unet, diffusers_to_ldm
 from lib_anydressing.engine import Dresser, load_checkpoint, self_attention_layers
 from lib_anydressing.engine.garments_net import GarmentFeatures
-from lib_anydressing.engine.sd_unet import SD15_UNET, build_unet, reinitialise
-from lib_anydressing.model_files import list_models
+from lib_anydressing.generation.model_files import list_models
+from lib_anydressing.sd.architectures import SD15_UNET
+from lib_anydressing.sd.random_models import build_unet, reinitialise
+from lib_anydressing.sd.unet_keys import convert_unet, diffusers_to_ldm
 
 diffusers = pytest.importorskip("diffusers")
 

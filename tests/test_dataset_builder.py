@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support.synthetic import make_synthetic_dataset
 
+from lib_anydressing.anydressing_trainer import builder
+from lib_anydressing.files.manifest import DressingDataset
 from lib_anydressing.segment.segmenter import GRABCUT, Segmenter
-from lib_anydressing.training import builder
-from lib_anydressing.training.dataset import DressingDataset
-from lib_anydressing.training.synthetic import make_synthetic_dataset
 
 SIZE = (128, 96)
 SLOTS = ("upper", "lower")

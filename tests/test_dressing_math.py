@@ -318,7 +318,8 @@ def test_vanilla_and_sdp_forward_agree(unet, inputs, garments, monkeypatch, addi
 
 
 def test_use_checkpoint_on_and_off_agree(inputs, garments):
-    from lib_anydressing.engine.sd_unet import TINY_UNET, build_unet
+    from lib_anydressing.sd.architectures import TINY_UNET
+    from lib_anydressing.sd.random_models import build_unet
 
     outs = []
     for flag in (False, True):

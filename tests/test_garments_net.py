@@ -149,7 +149,8 @@ def test_structure_copy_leaves_webui_state_behind(unet, garments):
 
 def test_unet_with_a_pooled_input_gets_zeros(garments):
     """ldm's UNetModel asserts `y` when it has class/pooled inputs, as SDXL's does: extraction supplies zeros."""
-    from lib_anydressing.engine.sd_unet import TINY_UNET, build_unet
+    from lib_anydressing.sd.architectures import TINY_UNET
+    from lib_anydressing.sd.random_models import build_unet
 
     unet = build_unet(TINY_UNET, num_classes="continuous")  # a Linear pooled input, like SDXL's label_emb
     feats = GarmentsNet(unet, shared=True).extract(garments)
@@ -175,7 +176,8 @@ def test_sdxl_pooled_input_on_forge_gets_zeros(garments):
     """SDXL's label_emb (sgm: num_classes="sequential") is Sequential(Sequential(Linear(adm_in_channels,
     emb), SiLU, Linear(emb, emb))); on Forge those Linears are Forge's. The ldm UNet's label_emb is
     rebuilt that way: extraction must pass zeros of adm_in_channels, not class labels."""
-    from lib_anydressing.engine.sd_unet import TINY_UNET, build_unet
+    from lib_anydressing.sd.architectures import TINY_UNET
+    from lib_anydressing.sd.random_models import build_unet
 
     unet = build_unet(TINY_UNET, num_classes="continuous")
     emb, adm_in_channels = unet.label_emb.out_features, 12

@@ -15,9 +15,9 @@ from safetensors.torch import save_file
 
 from lib_anydressing.engine import AnyDressingModel, ModelInfo
 from lib_anydressing.engine.image_prompt import ImagePromptEncoder, ImagePromptError, Resampler, garment_context
-from lib_anydressing.engine.sd_unet import reinitialise
-from lib_anydressing.pretrained import load_pretrained
-from lib_anydressing.weights_file import WeightsFileError
+from lib_anydressing.files.pretrained import load_pretrained
+from lib_anydressing.files.weights import WeightsFileError
+from lib_anydressing.sd.random_models import reinitialise
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lib_anydressing.images import ImageInputError, garment_tensor, to_rgb_and_mask
+from lib_anydressing.files.images import ImageInputError, garment_tensor, to_rgb_and_mask
 
 
 def _rgba_cutout():

@@ -8,9 +8,9 @@ import re
 
 import torch
 
-from lib_anydressing.engine.sd_unet import SD15_UNET, build_unet
 from lib_anydressing.garment_lora.kohya_lora import KohyaLoRA
-from lib_anydressing.sd_checkpoint import tiny_stable_diffusion
+from lib_anydressing.sd.architectures import SD15_UNET
+from lib_anydressing.sd.random_models import build_unet, tiny_stable_diffusion
 
 SMALL = {"model_channels": 32, "num_res_blocks": 2}  # SD1.5 block layout, narrow
 

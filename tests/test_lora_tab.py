@@ -17,10 +17,10 @@ from PIL import Image, ImageDraw
 from safetensors.torch import load_file
 
 from lib_anydressing.garment_lora.dataset import BG_KEEP, ImportOptions, import_images
-from lib_anydressing.sd_checkpoint import tiny_stable_diffusion
+from lib_anydressing.sd.random_models import tiny_stable_diffusion
 from lib_anydressing.segment.segmenter import Segmenter
-from lib_anydressing.ui.app import build_tabs
-from lib_anydressing.ui.lora_tab import TrainingJob, _loss_frame, run_training
+from lib_anydressing.tabs.app import build_tabs
+from lib_anydressing.tabs.lora_tab import TrainingJob, _loss_frame, run_training
 from lib_anydressing.webui.lora_training import ModelSnapshot, hide_lowvram_hooks
 
 
@@ -103,7 +103,7 @@ def test_start_trains_in_a_thread_and_reports_the_saved_file(tmp_path, dataset):
 
 
 def test_interrupt_then_start_again_resumes(tmp_path, dataset, monkeypatch):
-    from lib_anydressing.ui import lora_tab
+    from lib_anydressing.tabs import lora_tab
 
     host, job = TinyHost(tmp_path / "Lora"), TrainingJob()
     settings = _settings(dataset, tmp_path / "Lora", epochs=1, sample_every_epochs=0)
@@ -121,7 +121,7 @@ def test_interrupt_then_start_again_resumes(tmp_path, dataset, monkeypatch):
     job.wait(120)
     monkeypatch.setattr(lora_tab, "train_lora", train_lora)
     assert job.view.message.startswith("⏸ Interrupted at step 1/3") and "resume" in job.view.message
-    assert (tmp_path / "Lora" / "tiny_shirt-state.pt").is_file()
+    assert (tmp_path / "Lora" / "tiny_shirt-state").is_dir()
     message = _run(job, host, settings)
     assert message.startswith("✅ Saved"), message
     assert len(job.view.losses) == 3, "the resumed run carries the first step's loss on"
@@ -196,8 +196,8 @@ def test_the_tab_builds_with_both_sub_tabs(tmp_path):
 def test_standalone_trains_from_a_checkpoint_file_and_a_tokenizer_folder(tmp_path, dataset):
     from safetensors.torch import save_file
 
-    from lib_anydressing.sd_checkpoint import original_state_dict
-    from lib_anydressing.ui.lora_tab import CheckpointHost
+    from lib_anydressing.sd.checkpoint import original_state_dict
+    from lib_anydressing.tabs.lora_tab import CheckpointHost
 
     sd = tiny_stable_diffusion(seed=7)
     save_file({k: v.contiguous() for k, v in original_state_dict(sd).items()}, tmp_path / "tiny.safetensors")

@@ -17,22 +17,22 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lib_anydressing.engine.forward_patch import ForwardPatch
-from lib_anydressing.engine.sd_unet import SD15_UNET, build_unet
 from lib_anydressing.garment_lora.kohya_lora import KohyaLoRA
-from lib_anydressing.garment_lora.memory import training_patches
 from lib_anydressing.garment_lora.trainer import (
+    GarmentLoRATrainer,
     TrainConfig,
-    TrainingError,
     TrainResult,
-    _Run,
     bucket_size,
     check_name,
     masked_mse,
     snr_weights,
     train_lora,
 )
-from lib_anydressing.sd_checkpoint import tiny_stable_diffusion
+from lib_anydressing.sd.architectures import SD15_UNET
+from lib_anydressing.sd.forward_patch import ForwardPatch
+from lib_anydressing.sd.random_models import build_unet, tiny_stable_diffusion
+from lib_anydressing.sd.training_patches import training_patches
+from lib_anydressing.training.state import TrainingError
 
 from same_run import assert_same_losses, assert_same_weights, torch_threads
 
@@ -279,7 +279,7 @@ def _split_run(model, config, stop_at: int) -> tuple[TrainResult, list[int]]:
     with torch_threads(1):
         first = train_lora(model, config, on_progress=stop_there, stop=stop)
     assert first.status == "interrupted" and first.step == stop_at and first.output is None
-    assert (config.output_dir / "garment-state.pt").is_file()
+    assert (config.output_dir / "garment-state").is_dir()
     steps = []
     with torch_threads(2):
         second = train_lora(model, config, on_progress=lambda p: steps.append(p.step))
@@ -305,7 +305,7 @@ def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(
     _assert_untouched(model, before)
     assert steps == rest
     _check_same_run(whole, second)
-    assert not (tmp_path / "split" / "garment-state.pt").exists()  # finished: nothing left to resume
+    assert not (tmp_path / "split" / "garment-state").exists()  # finished: nothing left to resume
     halt = threading.Event()
     train_lora(model, _config(dataset, tmp_path / "again"), on_progress=lambda p: halt.set(), stop=halt)
     with pytest.raises(TrainingError, match="other settings"):
@@ -316,14 +316,14 @@ def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(
 def test_a_resume_that_loses_the_optimizer_state_fails_the_same_run_check(model, dataset, tmp_path, monkeypatch):
     with torch_threads(1):
         whole = train_lora(model, _config(dataset, tmp_path / "whole"))
-    load = _Run.load_state
+    load = GarmentLoRATrainer.resume
 
-    def load_with_fresh_optimizer(self, path):
+    def load_with_fresh_optimizer(self, where):
         fresh = self.optimizer.state_dict()
-        load(self, path)
+        load(self, where)
         self.optimizer.load_state_dict(fresh)
 
-    monkeypatch.setattr(_Run, "load_state", load_with_fresh_optimizer)
+    monkeypatch.setattr(GarmentLoRATrainer, "resume", load_with_fresh_optimizer)
     second, _ = _split_run(model, _config(dataset, tmp_path / "split"), 4)
     with pytest.raises(AssertionError, match="more than float rounding"):
         _check_same_run(whole, second)
@@ -425,14 +425,14 @@ def test_resume_is_refused_when_a_setting_that_changes_the_run_differs(model, da
     halt = threading.Event()
     first = train_lora(model, _config(dataset, tmp_path / "out"), on_progress=lambda p: halt.set(), stop=halt)
     assert first.status == "interrupted" and first.step == 1
-    state = (tmp_path / "out" / "garment-state.pt").read_bytes()
+    state = (tmp_path / "out" / "garment-state" / "state.pt").read_bytes()
     changes = {"mixed_precision": "bf16", "noise_offset": 0.1, "min_snr_gamma": 5.0, "learning_rate": 1e-3}
     for key, value in changes.items():
         with pytest.raises(TrainingError, match="other settings") as refused:
             train_lora(model, _config(dataset, tmp_path / "out", **{key: value}))
         assert f"{key}: " in str(refused.value) and f"{value} now" in str(refused.value)
         assert [k for k in changes if f"{k}: " in str(refused.value)] == [key]  # only the one that changed
-    assert (tmp_path / "out" / "garment-state.pt").read_bytes() == state
+    assert (tmp_path / "out" / "garment-state" / "state.pt").read_bytes() == state
     _assert_untouched(model, before)
     resumed = train_lora(model, _config(dataset, tmp_path / "out", epochs=1))  # epochs may change
     assert resumed.status == "done" and resumed.step == 3

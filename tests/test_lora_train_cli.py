@@ -12,7 +12,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from lib_anydressing.garment_lora import cli
-from lib_anydressing.sd_checkpoint import original_state_dict, tiny_stable_diffusion
+from lib_anydressing.sd.checkpoint import original_state_dict
+from lib_anydressing.sd.random_models import tiny_stable_diffusion
 
 
 @pytest.fixture(scope="module")

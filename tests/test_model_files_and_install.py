@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from lib_anydressing.model_files import TRAINING_FREE, list_models, model_dirs, resolve_model
+from lib_anydressing.generation.model_files import TRAINING_FREE, list_models, model_dirs, resolve_model
 
 ROOT = Path(__file__).resolve().parent.parent
 

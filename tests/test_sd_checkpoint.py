@@ -8,14 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lib_anydressing.sd_checkpoint import (
-    SDCheckpointError,
-    find_clip_tokenizer,
-    load_sd_checkpoint,
-    original_state_dict,
-    tiny_stable_diffusion,
-    tokenizer_from_bpe,
-)
+from lib_anydressing.sd.architectures import SDCheckpointError
+from lib_anydressing.sd.checkpoint import load_sd_checkpoint, original_state_dict
+from lib_anydressing.sd.random_models import tiny_stable_diffusion
+from lib_anydressing.sd.tokenizer import find_clip_tokenizer, tokenizer_from_bpe
 
 
 @pytest.fixture(scope="module")

@@ -25,8 +25,8 @@ gr = pytest.importorskip("gradio")
 import gradio4_env as g4  # noqa: E402
 
 from lib_anydressing.segment.session import MaskEdits, SegmentState  # noqa: E402
-from lib_anydressing.ui import segment_tab  # noqa: E402
-from lib_anydressing.ui.segment_tab import apply_strokes, strokes_mask  # noqa: E402
+from lib_anydressing.tabs import segment_tab  # noqa: E402
+from lib_anydressing.tabs.segment_tab import apply_strokes, strokes_mask  # noqa: E402
 
 GRADIO_4 = int(gr.__version__.split(".")[0]) >= 4
 EDITS = [0, 0, False, False, False, "best", 512]  # grow, feather, fill, largest, invert, choice, size

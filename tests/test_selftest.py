@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lib_anydressing import selftest
+from lib_anydressing.cli import selftest
 from lib_anydressing.generation.options import from_api
 
 

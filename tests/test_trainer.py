@@ -7,12 +7,13 @@ import csv
 import pytest
 import torch
 
+from lib_anydressing.anydressing_trainer import cli
+from lib_anydressing.anydressing_trainer.config import ConfigError, TrainConfig
+from lib_anydressing.anydressing_trainer.trainer import AnyDressingTrainer
 from lib_anydressing.engine import Dresser, load_checkpoint
-from lib_anydressing.sd_checkpoint import tiny_stable_diffusion
-from lib_anydressing.training import cli
-from lib_anydressing.training.config import ConfigError, TrainConfig
-from lib_anydressing.training.losses import canny_edges
-from lib_anydressing.training.trainer import AnyDressingTrainer, TrainingError
+from lib_anydressing.files.images import canny_edges
+from lib_anydressing.sd.random_models import tiny_stable_diffusion
+from lib_anydressing.training.state import TrainingError
 
 from same_run import assert_same_weights, torch_threads
 
@@ -69,8 +70,9 @@ def test_igl_gradient_reaches_only_the_projections_and_garments_net(tmp_path):
     sd = tiny_stable_diffusion(0)
     trainer = _trainer(tmp_path, sd, loss_ldm=False, loss_hf=False, loss_perc=False, uncond_dropout=0.0)
     before = _frozen_copy(sd)
-    with trainer.patched():
-        result = trainer.sample_losses(ITEMS[0], backward_scale=1.0)
+    with trainer.patched(), trainer.loss_scope():
+        result = trainer.sample_losses(ITEMS[0])
+        result.total.backward()
     assert result.loc.item() > 0 and result.ldm.item() == 0
     da = trainer.projections
     for name in da.layer_names:
@@ -104,8 +106,8 @@ def test_gradient_checkpointing_gives_the_same_gradients(tmp_path):
         trainer.cfg.gradient_checkpointing = checkpointing
         trainer.generator.set_state(state)
         trainer.optimizer.zero_grad(set_to_none=True)
-        with trainer.patched():
-            trainer.sample_losses(ITEMS[1], backward_scale=1.0)
+        with trainer.patched(), trainer.loss_scope():
+            trainer.sample_losses(ITEMS[1]).total.backward()
         grads.append({n: p.grad.clone() for n, p in trainer.trainable.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 100
     for name, g in grads[0].items():
@@ -149,7 +151,7 @@ def test_gtl_only_for_timesteps_up_to_eta(tmp_path):
 def test_loss_perc_off_ignores_a_given_dists(tmp_path):
     from torchvision.models.vgg import cfgs, make_layers
 
-    from lib_anydressing.training.dists import DISTS
+    from lib_anydressing.anydressing_trainer.dists import DISTS
 
     torch.manual_seed(0)
     dists = DISTS({f"features.{k}": v for k, v in make_layers(cfgs["D"]).state_dict().items()})
@@ -280,7 +282,7 @@ def test_non_finite_loss_stops_before_touching_the_weights(tmp_path):
 
 
 def test_hf_uses_the_items_edge_map_and_captions_are_encoded_once(tmp_path, monkeypatch):
-    from lib_anydressing.training import trainer as trainer_module
+    from lib_anydressing.anydressing_trainer import trainer as trainer_module
 
     sd = tiny_stable_diffusion(0)
     encoded = []
@@ -303,9 +305,9 @@ def test_hf_uses_the_items_edge_map_and_captions_are_encoded_once(tmp_path, monk
 def test_train_command_from_a_single_file_checkpoint_and_a_manifest(tmp_path, capsys):
     from PIL import Image
     from safetensors.torch import save_file
+    from support.synthetic import make_synthetic_dataset
 
-    from lib_anydressing.sd_checkpoint import original_state_dict
-    from lib_anydressing.training.synthetic import make_synthetic_dataset
+    from lib_anydressing.sd.checkpoint import original_state_dict
 
     sd = tiny_stable_diffusion(0)
     save_file({k: v.contiguous() for k, v in original_state_dict(sd).items()}, str(tmp_path / "sd.safetensors"))
@@ -344,17 +346,19 @@ def test_cli_reports_a_bad_config_without_a_traceback(tmp_path, capsys):
 
 
 def _rank_worker(rank: int, world: int, port: int, out: str) -> None:
+    """One of `world` processes as torchrun starts them (its environment); Fabric joins them into DDP."""
     import os
+    from pathlib import Path
 
     import torch.distributed as dist
     from safetensors.torch import save_file
+    from torch.nn.parallel import DistributedDataParallel
 
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from pathlib import Path
-
     trainer = _trainer(Path(out), save_every=2, uncond_dropout=0.0, lr=1e-3)
+    assert isinstance(trainer.wrapped._forward_module, DistributedDataParallel) and trainer.world == world
     trainer.train(steps=2)
     weights = {k: v.contiguous() for k, v in trainer.trainable.state_dict().items()}
     save_file(weights, str(Path(out) / f"weights_rank{rank}.safetensors"))
@@ -362,7 +366,7 @@ def _rank_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 @pytest.mark.slow  # two processes
-def test_two_processes_average_gradients_and_save_each_generator(tmp_path):
+def test_two_processes_through_fabric_ddp_train_one_model_and_save_each_generator(tmp_path):
     import socket
 
     import torch.multiprocessing as mp

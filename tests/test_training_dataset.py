@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support.synthetic import make_synthetic_dataset
 
-from lib_anydressing.training.dataset import DressingDataset
-from lib_anydressing.training.synthetic import make_synthetic_dataset
+from lib_anydressing.files.manifest import DressingDataset
 
 SIZE = (64, 48)  # (height, width) of the synthetic people
 SLOTS = ("upper", "lower")

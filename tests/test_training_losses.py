@@ -12,9 +12,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from lib_anydressing.training import losses
-from lib_anydressing.training.dists import DISTS, N_MAPS, DISTSWeightsError, load_dists
-from lib_anydressing.weights_file import load_tensors
+from lib_anydressing.anydressing_trainer import losses
+from lib_anydressing.anydressing_trainer.dists import DISTS, N_MAPS, DISTSWeightsError, load_dists
+from lib_anydressing.files import images
+from lib_anydressing.files.weights import load_tensors
+from lib_anydressing.sd import diffusion
 
 
 def _gen(seed):
@@ -39,13 +41,13 @@ def test_targets_and_noise_estimate_invert_the_forward_process(prediction):
     abar = torch.tensor([0.9, 0.5, 0.05], dtype=torch.float64).float()
     a = abar.view(-1, 1, 1, 1)
     z_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
-    target = losses.diffusion_target(x0, eps, abar, prediction)
+    target = diffusion.diffusion_target(x0, eps, abar, prediction)
     want = eps if prediction == "eps" else a.sqrt() * eps - (1 - a).sqrt() * x0  # v of Salimans & Ho
     torch.testing.assert_close(target, want)
     # A perfect prediction gives back the true noise and, in one step, the clean latent (GTL's z0_hat).
-    noise = losses.predicted_noise(target, z_t, abar, prediction)
+    noise = diffusion.predicted_noise(target, z_t, abar, prediction)
     torch.testing.assert_close(noise, eps, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(losses.predicted_x0(z_t, noise, abar), x0, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(diffusion.predicted_x0(z_t, noise, abar), x0, atol=1e-4, rtol=1e-4)
     pred = target + 0.1
     assert losses.ldm_loss(pred, target).item() == pytest.approx(0.01, rel=1e-4)
 
@@ -85,11 +87,11 @@ def test_localization_loss_matches_the_formula():
 def test_canny_marks_edges_of_the_target_only():
     image = -torch.ones(1, 3, 32, 32)
     image[:, :, :, 16:] = 1.0  # one vertical step at x = 16
-    edges = losses.canny_edges(image)
+    edges = images.canny_edges(image)
     assert edges.shape == (1, 1, 32, 32) and set(edges.unique().tolist()) <= {0.0, 1.0}
     cols = edges[0, 0].sum(0).nonzero().flatten().tolist()
     assert cols and all(14 <= c <= 17 for c in cols)
-    assert losses.canny_edges(torch.zeros(1, 3, 32, 32)).sum() == 0  # flat image: no edge
+    assert images.canny_edges(torch.zeros(1, 3, 32, 32)).sum() == 0  # flat image: no edge
 
 
 def test_high_frequency_loss_matches_the_formula():
@@ -153,7 +155,7 @@ def test_dists_alpha_beta_default_to_torchmetrics_file(vgg_state, tmp_path):
     >= 1.7), read with weights_only; a user file still comes first."""
     from torchmetrics.functional.image import dists as tm_dists
 
-    from lib_anydressing.training import dists as dists_module
+    from lib_anydressing.anydressing_trainer import dists as dists_module
 
     assert dists_module.packaged_alpha_beta().resolve() == tm_dists._PATH_WEIGHT_DISTS
     tm = load_tensors(tm_dists._PATH_WEIGHT_DISTS)
@@ -174,7 +176,7 @@ def test_dists_packaged_alpha_beta_order_and_no_import(tmp_path, monkeypatch):
     import subprocess
     import sys
 
-    from lib_anydressing.training import dists as dists_module
+    from lib_anydressing.anydressing_trainer import dists as dists_module
 
     fake = tmp_path / "site" / "DISTS_pytorch"
     fake.mkdir(parents=True)
@@ -195,7 +197,7 @@ def test_dists_packaged_alpha_beta_order_and_no_import(tmp_path, monkeypatch):
     assert dists_module.packaged_alpha_beta() is None
     # Finding torchmetrics' file does not import torchmetrics (its import pulls in much of its metrics).
     code = (
-        "import sys; from lib_anydressing.training.dists import packaged_alpha_beta; "
+        "import sys; from lib_anydressing.anydressing_trainer.dists import packaged_alpha_beta; "
         "assert packaged_alpha_beta() is not None; assert 'torchmetrics' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
@@ -223,7 +225,7 @@ def test_dists_runs_in_float32_under_autocast(vgg_state):
 
 
 def test_dists_files_and_uniform_fallback(vgg_state, tmp_path, monkeypatch):
-    from lib_anydressing.training import dists as dists_module
+    from lib_anydressing.anydressing_trainer import dists as dists_module
 
     monkeypatch.setattr(dists_module, "packaged_alpha_beta", lambda: None)
     vgg_file = tmp_path / "vgg16.safetensors"
@@ -276,7 +278,7 @@ def test_texture_loss_only_for_samples_at_or_below_eta():
     target = torch.rand(3, 3, 8, 8, generator=_gen(19)) * 2 - 1
     target[:, :, :, 4:] = 1  # an edge for Canny
     masks = torch.ones(3, 1, 8, 8)
-    edges = losses.canny_edges(target)[:, 0]
+    edges = images.canny_edges(target)[:, 0]
     perc, hf = losses.texture_loss(decode, z_t, eps, abar, t, target, masks, edges, eta=350, hf=True)
     assert decoded_rows == [2] and perc.item() == 0  # rows 0 and 2 decoded; no DISTS given
     want = 0.0

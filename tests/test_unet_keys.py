@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_anydressing.convert.unet_keys import convert_unet, diffusers_to_ldm, self_attention_processor_order
 from lib_anydressing.engine import self_attention_layers
-from lib_anydressing.engine.sd_unet import SD15_UNET, build_unet, reinitialise
+from lib_anydressing.sd.architectures import SD15_UNET
+from lib_anydressing.sd.random_models import build_unet, reinitialise
+from lib_anydressing.sd.unet_keys import convert_unet, diffusers_to_ldm, self_attention_processor_order
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -56,7 +57,7 @@ def test_unknown_key_is_named():
 
 
 def test_ldm_to_diffusers_inverts_the_mapping():
-    from lib_anydressing.convert.unet_keys import ldm_to_diffusers
+    from lib_anydressing.sd.unet_keys import ldm_to_diffusers
 
     keys = list(_diffusers_unet().state_dict())
     assert [ldm_to_diffusers(diffusers_to_ldm(k)) for k in keys] == keys

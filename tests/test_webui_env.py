@@ -23,8 +23,8 @@ import pytest
 import torch
 from ldm.models.autoencoder import AutoencoderKL
 
-from lib_anydressing.engine.sd_unet import reinitialise
-from lib_anydressing.sd_checkpoint import TINY_VAE, build_autoencoder
+from lib_anydressing.sd.architectures import TINY_VAE, build_autoencoder
+from lib_anydressing.sd.random_models import reinitialise
 from lib_anydressing.webui import env
 
 SCALE = 0.18215

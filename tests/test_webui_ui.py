@@ -14,8 +14,8 @@ from PIL import Image
 
 gr = pytest.importorskip("gradio")
 
+from lib_anydressing.generation.model_files import TRAINING_FREE  # noqa: E402
 from lib_anydressing.generation.options import from_script_args, script_arg_names  # noqa: E402
-from lib_anydressing.model_files import TRAINING_FREE  # noqa: E402
 
 
 class InputAccordion(gr.Checkbox):
@@ -52,7 +52,7 @@ def ui(monkeypatch, tmp_path):
     fake.InputAccordion, fake.ToolButton = InputAccordion, ToolButton
     monkeypatch.setitem(sys.modules, "modules", types.ModuleType("modules"))
     monkeypatch.setitem(sys.modules, "modules.ui_components", fake)
-    from lib_anydressing.webui import ui
+    from lib_anydressing.webui import accordion as ui
 
     (tmp_path / "mine.safetensors").write_bytes(b"not a model")
     with gr.Blocks():
@@ -90,7 +90,7 @@ def test_infotext_fields_paste_values_the_components_accept(ui):
 
 
 def test_model_details_show_origin_and_problems(tmp_path):
-    from lib_anydressing.model_files import describe_model
+    from lib_anydressing.generation.model_files import describe_model
 
     strength, text = describe_model(TRAINING_FREE, [])
     assert strength == 1.0 and "training-free" in text
@@ -109,9 +109,9 @@ def test_cutout_sent_from_the_segment_tab_lands_in_a_garment_slot(ui, tmp_path):
     pytest.importorskip("playwright.sync_api")
     if CHROMIUM is None:
         pytest.skip("Debian's chromium is not installed")
-    from lib_anydressing.ui.app import build_tabs
-    from lib_anydressing.ui.segment_tab import SendTarget
-    from lib_anydressing.webui import ui as script_ui
+    from lib_anydressing.tabs.app import build_tabs
+    from lib_anydressing.tabs.segment_tab import SendTarget
+    from lib_anydressing.webui import accordion as script_ui
 
     with gr.Blocks() as txt2img:
         script_ui.build(lambda name: f"script_txt2img_anydressing_{name}", 2, [tmp_path], lambda: [], "txt2img")
@@ -187,7 +187,7 @@ def _load_ui_config(block, tab: str, settings: dict) -> dict[str, set[int]]:
 
 
 def test_each_slot_keeps_its_own_saved_ui_defaults(ui, tmp_path):
-    from lib_anydressing.generation.options import CATEGORIES
+    from lib_anydressing.garments import CATEGORIES
 
     module = ui[0]
     with gr.Blocks() as blocks:

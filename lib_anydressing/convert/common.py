@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from ..engine import AnyDressingModel, DressingProjections
+from ..sd.unet_keys import convert_unet, self_attention_processor_order
 from .safe_load import ConversionError
-from .unet_keys import convert_unet, self_attention_processor_order
 
 
 @dataclass

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from torch import Tensor
 
-from ..weights_file import WeightsFileError
-from ..weights_file import load_tensors as _load
+from ..files.weights import WeightsFileError
+from ..files.weights import load_tensors as _load
 
 
 class ConversionError(WeightsFileError):

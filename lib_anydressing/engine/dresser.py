@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .forward_patch import ForwardPatch
+from ..sd.forward_patch import ForwardPatch
 from .garments_net import GarmentFeatures
 from .projections import DressingProjections
 from .regions import garment_bias

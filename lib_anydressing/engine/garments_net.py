@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from .forward_patch import ForwardPatch
+from ..sd.forward_patch import ForwardPatch
 from .gfe_lora import PROJECTIONS, GarmentLoRA
 from .unet_layers import self_attention_layers
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from ..pretrained import load_pretrained
+from ..files.pretrained import load_pretrained
 
 if TYPE_CHECKING:
     from .checkpoint import AnyDressingModel

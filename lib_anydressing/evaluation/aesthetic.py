@@ -14,7 +14,7 @@ from pathlib import Path
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..weights_file import WeightsFileError, load_tensors
+from ..files.weights import WeightsFileError, load_tensors
 
 
 class AestheticLoadError(WeightsFileError):

@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-from ..config_file import ConfigFileError, read_toml
-from ..weights_file import WeightsFileError
+from ..files.config import ConfigFileError, read_toml
+from ..files.weights import WeightsFileError
 
 PATH_KEYS = ("clip", "aesthetic", "aesthetic_clip", "manifest", "out")
 
@@ -45,16 +45,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def read_config(path: Path) -> dict[str, Any]:
     try:
-        data = read_toml(path)
+        data = read_toml(path, path_keys=(*PATH_KEYS, "images"))
     except ConfigFileError as e:
         raise ConfigError(str(e)) from e
     data = data.get("eval", data)
     for key in PATH_KEYS:
         if key in data:
-            data[key] = path.parent / data[key]
+            data[key] = Path(data[key])
     if "images" in data:
-        images = data["images"] if isinstance(data["images"], list) else [data["images"]]
-        data["images"] = [path.parent / p for p in images]
+        data["images"] = [Path(p) for p in (data["images"] if isinstance(data["images"], list) else [data["images"]])]
     return data
 
 

@@ -17,8 +17,8 @@ from PIL import Image
 from torch import Tensor
 from transformers import CLIPModel, CLIPProcessor
 
-from ..pretrained import load_pretrained
-from ..weights_file import WeightsFileError
+from ..files.pretrained import load_pretrained
+from ..files.weights import WeightsFileError
 
 
 class ClipLoadError(WeightsFileError):

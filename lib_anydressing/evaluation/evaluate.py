@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..images import ImageInputError
-from ..training.dataset import SampleError, SkipReport, mask_array, open_image, read_manifest
+from ..files.images import ImageInputError
+from ..files.manifest import SampleError, SkipReport, mask_array, open_image, read_manifest
 from .aesthetic import AestheticHead
 from .clip_models import ClipEncoder
 from .metrics import NAMES, SampleScores, mean_scores, score_sample

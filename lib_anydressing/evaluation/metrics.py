@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from ..images import fit, to_rgb_and_mask
+from ..files.images import fit, to_rgb_and_mask
 from .aesthetic import AestheticHead
 from .clip_models import ClipEncoder
 

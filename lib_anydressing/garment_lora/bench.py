@@ -20,9 +20,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..bench_output import print_result
-from ..engine.sd_unet import SD15_UNET, build_unet, reinitialise
-from ..sd_checkpoint import SD_VAE, StableDiffusion, build_autoencoder, tiny_clip_tokenizer
+from ..files.bench_output import print_result
+from ..sd.architectures import SD15_UNET, SD_VAE, build_autoencoder
+from ..sd.checkpoint import StableDiffusion
+from ..sd.random_models import build_unet, reinitialise
+from ..sd.tokenizer import tiny_clip_tokenizer
 from .trainer import Progress, TrainConfig, train_lora
 
 

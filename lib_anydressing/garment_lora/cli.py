@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import argparse
 import signal
-import sys
 import threading
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..config_file import ConfigFileError, read_toml
-from ..sd_checkpoint import SDCheckpointError, load_sd_checkpoint
-from .trainer import PRESETS, Progress, TrainConfig, TrainingError, train_lora
+from ..files.config import ConfigFileError, read_toml
+from ..sd.architectures import SDCheckpointError
+from ..sd.checkpoint import load_sd_checkpoint
+from ..training.loop import Progress, resolve_precision
+from ..training.state import TrainingError
+from .trainer import PRESETS, TrainConfig, train_lora
 
 MODEL_KEYS = ("checkpoint", "tokenizer", "prediction", "device", "preset")
+PATH_KEYS = ("checkpoint", "tokenizer", "dataset_dir", "output_dir", "resume")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -33,13 +36,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        settings = read_toml(args.config)
+        settings = read_toml(args.config, path_keys=PATH_KEYS, words=("latest", "no"))
         model_settings = {k: settings.pop(k) for k in MODEL_KEYS if k in settings}
         config = build_config(settings, model_settings.get("preset"), overwrite=args.overwrite)
         if "checkpoint" not in model_settings:
             raise TrainingError('the config needs `checkpoint = "path/to/model.safetensors"`')
         device = _device(model_settings.get("device", "auto"))
-        dtype = DTYPES[config.mixed_precision] if device.type == "cuda" else torch.float32  # CPU: autocast only
+        precision = resolve_precision(config.mixed_precision, device)
+        dtype = DTYPES[precision] if device.type == "cuda" else torch.float32  # on the CPU: autocast only
         print(f"loading {model_settings['checkpoint']} ({device}, {dtype})")
         model = load_sd_checkpoint(
             model_settings["checkpoint"],
@@ -56,7 +60,7 @@ def main(args: argparse.Namespace) -> int:
     stop = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: _first_interrupt(stop, previous))
     try:
-        result = train_lora(model, config, on_progress=_print_progress, stop=stop)
+        result = train_lora(model, config, on_progress=_print_sample, stop=stop, progress_bar=True)
     except TrainingError as e:
         print(f"error: {e}")
         return 2
@@ -99,8 +103,9 @@ def _first_interrupt(stop: threading.Event, previous: Any) -> None:
     signal.signal(signal.SIGINT, previous)
 
 
-def _print_progress(p: Progress) -> None:
-    eta = f"{int(p.eta_s // 60)}:{int(p.eta_s % 60):02d}"
-    line = f"\rstep {p.step}/{p.total}  epoch {p.epoch}  loss {p.loss:.4f}  {p.sec_per_step:.2f} s/it  ETA {eta}"
-    sys.stdout.write(line + (f"  sample: {p.sample}" if p.sample else ""))
-    sys.stdout.flush()
+def _print_sample(p: Progress) -> None:
+    """The loop's tqdm bar shows steps, loss and ETA; samples are printed above it."""
+    if p.sample is not None:
+        from tqdm import tqdm
+
+        tqdm.write(f"epoch {p.epoch}: sample {p.sample}")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..images import IMAGE_SUFFIXES, MAX_PIXELS, ImageInputError, to_rgb_and_mask
+from ..files.images import IMAGE_SUFFIXES, MAX_PIXELS, ImageInputError, to_rgb_and_mask
 from ..segment import mask_tools as mt
 from ..segment.batch import Template
 from ..segment.segmenter import Segmenter

@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import load_file, save, save_file
 from torch import Tensor, nn
 
-from ..convert.unet_keys import ldm_to_diffusers
-from ..engine.forward_patch import ForwardPatch
+from ..sd.forward_patch import ForwardPatch
+from ..sd.unet_keys import ldm_to_diffusers
 
 TRANSFORMER_PARENTS = ("input_blocks", "middle_block", "output_blocks")
 TEXT_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")

@@ -8,9 +8,10 @@ The API the tab and the headless command call:
 
 The LoRA is patched onto the user's modules and comes off on every path (done, interrupted, NaN,
 exception); it is never merged, the base weights get no gradient and their requires_grad flags are
-restored as found. State is saved at each epoch end and on interrupt (`<name>-state.pt`: LoRA,
-optimizer, scaler, step, RNG), and a later call with `resume=True` continues where it stopped (equal to an
-uninterrupted run up to float rounding: README, What resume guarantees).
+restored as found. The loop is the shared one of training/loop.py (precision, accumulation, several
+processes); state is saved at each epoch end and on interrupt (`<name>-state/`, training/state.py's format),
+and a later call with `resume="latest"` continues where it stopped (equal to an uninterrupted run up to
+float rounding: README, What resume guarantees).
 The stop flag is also read while the images and captions are encoded, before the first step.
 A NaN/inf loss stops the run before the bad update, keeping the last good checkpoint.
 """
@@ -18,33 +19,33 @@ A NaN/inf loss stops the run before the bad update, keeping the last good checkp
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import re
+import shutil
 import threading
-import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, fields
+from contextlib import contextmanager
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..images import ImageInputError, garment_tensor, tensor_to_image
-from ..sampling import ddim_sample
-from ..sd_checkpoint import StableDiffusion
-from ..training.losses import diffusion_target, predicted_noise
+from ..files.images import ImageInputError, garment_tensor, tensor_to_image
+from ..sd.checkpoint import StableDiffusion
+from ..sd.diffusion import diffusion_target, predicted_noise
+from ..sd.sampling import ddim_sample
+from ..sd.training_patches import training_patches
+from ..training.loop import PRECISIONS, RESUME_HELP, LoopSettings, MicroBatch, Progress, StepRecord, Trainer
+from ..training.state import TrainingError
 from .captions import read_captions, ss_tag_frequency
 from .dataset import MIN_SIDE
 from .kohya_lora import KohyaLoRA
-from .memory import training_patches
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,99}$")
-PRECISIONS = ("fp32", "fp16", "bf16")
 # What a resumed run must share with the saved one (besides the optimizer and the number of images).
 RESUME_KEYS = (
     "rank",
@@ -74,10 +75,6 @@ PRESETS: dict[str, dict[str, object]] = {
 }
 
 
-class TrainingError(ValueError):
-    """A run that cannot start (bad name, dataset, settings), with a message meant for the user."""
-
-
 @dataclass
 class TrainConfig:
     """Everything a run needs besides the model; the headless command reads the same keys from TOML."""
@@ -99,7 +96,7 @@ class TrainConfig:
     max_steps: int = 0  # optimizer steps; 0: epochs decide
     batch_size: int = 1
     grad_accumulation: int = 1
-    mixed_precision: str = "fp32"  # fp32, fp16 (CUDA only, with a GradScaler) or bf16
+    mixed_precision: str = "fp32"  # auto, fp32, fp16 (CUDA only, with a loss scaler) or bf16
     optimizer: str = "adamw8bit"  # "adamw8bit" uses bitsandbytes when importable on CUDA, else AdamW
     cache_latents: bool = True
     gradient_checkpointing: bool = False
@@ -112,7 +109,8 @@ class TrainConfig:
     sample_prompt: str = ""  # default: the first caption
     sample_steps: int = 20
     seed: int = 0
-    resume: bool = True  # continue a run whose state file exists
+    devices: int = 1  # processes (GPUs) on this machine, through Fabric's DDP; torchrun's setting wins
+    resume: str = "latest"  # latest: continue this name's saved state when there is one; no: start afresh
     overwrite: bool = False  # replace an existing <name>.safetensors
     base_model_name: str = ""
 
@@ -126,20 +124,6 @@ class TrainConfig:
         if unknown:
             raise TrainingError(f"unknown setting(s): {', '.join(unknown)}")
         return cls(**values)  # type: ignore[arg-type]
-
-
-@dataclass
-class Progress:
-    """What the progress bar shows; `loss` is this step's, `losses` the curve so far."""
-
-    step: int
-    total: int
-    epoch: int
-    loss: float
-    sec_per_step: float
-    eta_s: float
-    losses: list[float] = field(repr=False, default_factory=list)
-    sample: Path | None = None
 
 
 @dataclass
@@ -180,6 +164,7 @@ def train_lora(
     *,
     on_progress: Callable[[Progress], None] | None = None,
     stop: threading.Event | None = None,
+    progress_bar: bool = False,
 ) -> TrainResult:
     """Train, save `<output_dir>/<name>.safetensors` (kohya format, ss_*/sshs_*/modelspec.* metadata).
 
@@ -189,7 +174,9 @@ def train_lora(
     name = check_name(config.name)
     _check_settings(config, model)
     output, state_path = run_files(config)
-    resuming = config.resume and state_path.is_file()
+    if config.resume not in ("latest", "no"):
+        state_path = Path(config.resume)
+    resuming = config.resume != "no" and state_path.is_dir()
     if output.exists() and not config.overwrite and not resuming:
         raise TrainingError(f"'{output}' exists: choose another name or allow overwriting")
     if state_path.exists() and not resuming and not config.overwrite:
@@ -206,18 +193,18 @@ def train_lora(
     ):
         try:
             lora.install()
-            run = _Run(model, config, name, lora, items, skipped, on_progress, stop)
+            trainer = GarmentLoRATrainer(model, config, name, lora, items, skipped, on_progress, stop, progress_bar)
             if resuming:
-                run.load_state(state_path)
-            return run.train()
+                trainer.resume(str(state_path))
+            return trainer.train()
         finally:
             lora.remove()
 
 
 def run_files(config: TrainConfig) -> tuple[Path, Path]:
-    """(the final LoRA file, the resumable state file) of a run: a UI can tell the user a run can resume."""
+    """(the final LoRA file, the resume state folder) of a run: a UI can tell the user a run can resume."""
     name = check_name(config.name)
-    return config.output_dir / f"{name}.safetensors", config.output_dir / f"{name}-state.pt"
+    return config.output_dir / f"{name}.safetensors", config.output_dir / f"{name}-state"
 
 
 @contextmanager
@@ -234,26 +221,45 @@ def _frozen(model: StableDiffusion) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-class _Run:
-    def __init__(self, model, config, name, lora, items, skipped, on_progress, stop) -> None:
-        self.model, self.config, self.name, self.lora, self.items = model, config, name, lora, items
-        self.skipped, self.on_progress, self.stop = skipped, on_progress, stop or threading.Event()
-        self.device = model.device
-        self.precision = config.mixed_precision
+class LoRALoss(nn.Module):
+    """The LoRA (the trainables); forward: the masked diffusion loss of one batch of image indices."""
+
+    def __init__(self, trainer: GarmentLoRATrainer, lora: KohyaLoRA) -> None:
+        super().__init__()
+        self.lora = lora
+        self._trainer = [trainer]  # in a list: not a submodule, not in the state dict
+
+    def forward(self, batch: list[int]) -> tuple[Tensor, dict[str, float]]:
+        return self._trainer[0].batch_loss(batch), {}
+
+
+class GarmentLoRATrainer(Trainer):
+    def __init__(self, model, config, name, lora, items, skipped, on_progress, stop, progress_bar=False) -> None:
+        self.sd, self.config, self.name, self.lora, self.items = model, config, name, lora, items
+        self.skipped = skipped
+        self.batches = _batches_per_epoch(items, config.batch_size)
+        settings = LoopSettings(
+            steps=0,
+            accumulation=config.grad_accumulation,
+            precision=config.mixed_precision,
+            max_grad_norm=config.max_grad_norm,
+            warmup_steps=config.lr_warmup_steps,
+            seed=config.seed,
+            device=str(model.device),
+            devices=config.devices,
+        )
+        super().__init__(settings, run_files(config)[1], stop=stop, on_progress=on_progress, progress_bar=progress_bar)
+        per_process = math.ceil(self.batches / self.world)
+        self.steps_per_epoch = math.ceil(per_process / config.grad_accumulation)
+        epochs_steps = config.epochs * self.steps_per_epoch
+        self.total = self.settings.steps = min(config.max_steps, epochs_steps) if config.max_steps else epochs_steps
         groups = [{"params": [p for k, p in self.lora.named_parameters() if "lora_te_" not in k]}]
         if config.train_text_encoder:
             te = [p for k, p in self.lora.named_parameters() if "lora_te_" in k]
             groups.append({"params": te, "lr": config.text_encoder_lr})
-        self.optimizer, self.optimizer_name = _optimizer(groups, config, self.device)
-        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
-        self.scaler = torch.cuda.amp.GradScaler(enabled=self.precision == "fp16")
-        self.generator = torch.Generator().manual_seed(config.seed)
-        self.step, self.losses, self.samples = 0, [], []
-        self.batches = _batches_per_epoch(items, config.batch_size)
-        self.steps_per_epoch = math.ceil(self.batches / config.grad_accumulation)
-        epochs_steps = config.epochs * self.steps_per_epoch
-        self.total = min(config.max_steps, epochs_steps) if config.max_steps else epochs_steps
-        self.last_checkpoint: Path | None = None
+        optimizer, self.optimizer_name = _optimizer(groups, config, self.device)
+        self.setup(LoRALoss(self, lora), optimizer)
+        self.samples: list[Path] = []
         self.started = datetime.now(timezone.utc)
         self.latents: list[Tensor] | None = None  # cached by _prepare, with the contexts
         self.contexts: list[Tensor] | None = None
@@ -265,49 +271,48 @@ class _Run:
         if not self._prepare():
             message = f"interrupted while preparing the data, before step {self.step + 1}; nothing new was saved"
             return self._result("interrupted", message)
-        accumulation = self.config.grad_accumulation
-        timer, timed_steps = time.perf_counter(), 0
-        while self.step < self.total:
-            epoch = self.step // self.steps_per_epoch
-            order = self._epoch_order(epoch)
-            micro, running = 0, 0.0
-            for index in range(self.step % self.steps_per_epoch * accumulation, len(order)):
-                loss = self._loss(order[index])
-                if not torch.isfinite(loss):
-                    return self._nan_stop()
-                self.scaler.scale(loss / accumulation).backward()
-                running += loss.item()
-                micro += 1
-                if micro < accumulation and index + 1 < len(order):
-                    continue
-                self._optimizer_step()  # the epoch's last step may gather fewer batches
-                self.losses.append(running / micro)
-                micro, running = 0, 0.0
-                timed_steps += 1
-                sample = self._epoch_end(epoch + 1) if index + 1 == len(order) else None
-                self._report(epoch + 1, (time.perf_counter() - timer) / timed_steps, sample)
-                if self.step >= self.total:
-                    break
-                if self.stop.is_set():
-                    return self._interrupted()
+        status = self.fit()
+        if status == "nan":
+            return self._result("nan", self.message)
+        if status == "interrupted":
+            return self._interrupted()
         self.lora.save(self.output_path, self._metadata(final=True))
-        self.state_path.unlink(missing_ok=True)  # the run is complete: nothing left to resume
+        shutil.rmtree(self.state_dir, ignore_errors=True)  # the run is complete: nothing left to resume
         self.last_checkpoint = self.output_path
         return self._result("done", f"saved {self.output_path.name} after {self.step} steps", self.output_path)
+
+    def micro_batches(self) -> Iterator[MicroBatch]:
+        """Each epoch's batches (this process's share), from the step reached; a step gathers
+        `grad_accumulation` batches, the epoch's last step may gather fewer."""
+        accumulation = self.config.grad_accumulation
+        while True:
+            epoch = self.step // self.steps_per_epoch
+            order = self._epoch_order(epoch)
+            micro = 0
+            for index in range(self.step % self.steps_per_epoch * accumulation, len(order)):
+                micro += 1
+                last = index + 1 == len(order)
+                closes = micro == accumulation or last
+                micro = 0 if closes else micro
+                yield MicroBatch(order[index], closes_step=closes, epoch=epoch + 1, ends_epoch=last)
+
+    def after_step(self, record: StepRecord) -> Path | None:
+        return self._epoch_end(record.epoch) if record.ends_epoch else None
 
     def _result(self, status: str, message: str, output: Path | None = None) -> TrainResult:
         return TrainResult(
             status, message, output, self.last_checkpoint, self.step, self.losses, self.samples, self.skipped
         )
 
-    def _loss(self, batch: list[int]) -> Tensor:
-        model, config, gen = self.model, self.config, self.generator
+    def batch_loss(self, batch: list[int]) -> Tensor:
+        """The masked diffusion loss of one batch (min-SNR weighted when asked)."""
+        model, config, gen = self.sd, self.config, self.generator
         with torch.no_grad():
             if self.latents is not None:
                 latents = torch.stack([self.latents[i] for i in batch]).to(self.device)
             else:
                 pixels = torch.stack([self.items[i].pixels for i in batch])
-                with self._autocast():
+                with self.autocast():
                     latents = model.encode_images(pixels, generator=gen).float()
         noise = torch.randn(latents.shape, generator=gen)
         if config.noise_offset:
@@ -317,7 +322,7 @@ class _Run:
         abar = model.alphas_cumprod[timesteps].to(self.device, torch.float32).view(-1, 1, 1, 1)
         noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
         target = diffusion_target(latents, noise, abar, model.prediction)
-        with self._autocast():
+        with self.autocast():
             if self.contexts is not None:
                 context = torch.stack([self.contexts[i] for i in batch]).to(self.device)
             else:
@@ -327,51 +332,23 @@ class _Run:
         weights = snr_weights(abar.view(-1), config.min_snr_gamma, model.prediction)
         return masked_mse(pred.float(), target, mask if config.masked_loss else None, weights)
 
-    def _optimizer_step(self) -> None:
-        factor = min(1.0, (self.step + 1) / self.config.lr_warmup_steps) if self.config.lr_warmup_steps else 1.0
-        for group, lr in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
-            group["lr"] = lr * factor
-        self.scaler.unscale_(self.optimizer)
-        if self.config.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.lora.parameters(), self.config.max_grad_norm)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-
     def _epoch_end(self, epoch: int) -> Path | None:
         config = self.config
         every = config.save_every_epochs
         if every and (epoch % every == 0) and self.step < self.total:
             path = config.output_dir / f"{self.name}-{epoch:06d}.safetensors"
-            self.lora.save(path, self._metadata(final=False, epoch=epoch))
+            if self.rank == 0:
+                self.lora.save(path, self._metadata(final=False, epoch=epoch))
             self.last_checkpoint = path
             self.save_state()
-        if config.sample_every_epochs and epoch % config.sample_every_epochs == 0:
+        if config.sample_every_epochs and epoch % config.sample_every_epochs == 0 and self.rank == 0:
             return self._sample(epoch)
         return None
 
-    def _report(self, epoch: int, per_step: float, sample: Path | None) -> None:
-        if self.on_progress is not None:
-            eta = per_step * (self.total - self.step)
-            self.on_progress(
-                Progress(self.step, self.total, epoch, self.losses[-1], per_step, eta, self.losses, sample)
-            )
-
-    def _nan_stop(self) -> TrainResult:
-        self.optimizer.zero_grad(set_to_none=True)
-        kept = (
-            f"the last good checkpoint is {self.last_checkpoint.name}" if self.last_checkpoint else "no checkpoint yet"
-        )
-        message = (
-            f"the loss became NaN/inf at step {self.step + 1}; training stopped ({kept}). "
-            "Try a lower learning rate, bf16 or fp32, or check the images."
-        )
-        return self._result("nan", message)
-
     def _interrupted(self) -> TrainResult:
         path = self.config.output_dir / f"{self.name}-step{self.step:06d}.safetensors"
-        self.lora.save(path, self._metadata(final=False))
+        if self.rank == 0:
+            self.lora.save(path, self._metadata(final=False))
         self.last_checkpoint = path
         self.save_state()
         message = f"interrupted at step {self.step}/{self.total}; resume continues from there ({path.name} saved)"
@@ -383,53 +360,13 @@ class _Run:
     def output_path(self) -> Path:
         return run_files(self.config)[0]
 
-    @property
-    def state_path(self) -> Path:
-        return run_files(self.config)[1]
-
-    def _fingerprint(self) -> dict[str, object]:
-        """The settings a resumed run must share with the saved one to continue it exactly: what shapes the
-        LoRA, the batches, the random draws (noise offset, latents encoded per step or cached), the loss and
-        the updates; epochs and max_steps may change."""
+    def fingerprint(self) -> dict[str, object]:
+        """What shapes the LoRA, the batches, the random draws (noise offset, latents encoded per step or
+        cached), the loss and the updates; epochs and max_steps may change."""
         config = self.config
         values = {k: getattr(config, k) for k in RESUME_KEYS}
         values["text_encoder_lr"] = config.text_encoder_lr if config.train_text_encoder else None
         return {**values, "optimizer": self.optimizer_name, "images": len(self.items)}
-
-    def save_state(self) -> None:
-        state = {
-            "lora": self.lora.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "step": self.step,
-            "generator": self.generator.get_state(),
-            "losses": torch.tensor(self.losses, dtype=torch.float64),
-            "fingerprint": json.dumps(self._fingerprint(), sort_keys=True),
-            "last_checkpoint": str(self.last_checkpoint.name) if self.last_checkpoint else "",
-        }
-        tmp = self.state_path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        tmp.replace(self.state_path)
-
-    def load_state(self, path: Path) -> None:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # a truncated or foreign file: say so rather than crash
-            raise TrainingError(f"the saved state '{path.name}' cannot be read ({e}); delete it to start over") from e
-        changed = _changed_settings(state.get("fingerprint"), self._fingerprint())
-        if changed:
-            raise TrainingError(
-                f"'{path.name}' was saved with other settings or another dataset ({changed}); resume with the "
-                "same ones, or allow overwriting to start over"
-            )
-        self.lora.load_state_dict(state["lora"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.generator.set_state(state["generator"])
-        self.step = int(state["step"])
-        self.losses = state["losses"].tolist()
-        if state["last_checkpoint"]:
-            self.last_checkpoint = self.config.output_dir / state["last_checkpoint"]
 
     # --- data -----------------------------------------------------------------------------------------------
 
@@ -445,7 +382,10 @@ class _Run:
             shuffled = [members[j] for j in torch.randperm(len(members), generator=gen).tolist()]
             size = self.config.batch_size
             batches += [shuffled[k : k + size] for k in range(0, len(shuffled), size)]
-        return [batches[j] for j in torch.randperm(len(batches), generator=gen).tolist()]
+        batches = [batches[j] for j in torch.randperm(len(batches), generator=gen).tolist()]
+        per_process = math.ceil(len(batches) / self.world)
+        padded = (batches * self.world)[: per_process * self.world]  # equal shares: every process steps alike
+        return padded[self.rank :: self.world]
 
     def _prepare(self) -> bool:
         """Cache the latents and caption contexts the run reuses; False when stopped meanwhile (this can take
@@ -462,37 +402,29 @@ class _Run:
     @torch.no_grad()
     def _cache_latents(self) -> list[Tensor]:
         gen = torch.Generator().manual_seed(self.config.seed + 1)
-        with self._autocast():
+        with self.autocast():
             return [
-                self.model.encode_images(item.pixels[None], generator=gen)[0].float().cpu()
+                self.sd.encode_images(item.pixels[None], generator=gen)[0].float().cpu()
                 for item in self._until_stopped()
             ]
 
     @torch.no_grad()
     def _encode_captions(self) -> list[Tensor]:
-        with self._autocast():
-            return [self.model.encode_text([item.caption])[0].cpu() for item in self._until_stopped()]
-
-    # --- precision ------------------------------------------------------------------------------------------
-
-    def _autocast(self):
-        if self.precision == "fp32":
-            return nullcontext()
-        dtype = torch.float16 if self.precision == "fp16" else torch.bfloat16
-        return torch.autocast(self.device.type, dtype=dtype)
+        with self.autocast():
+            return [self.sd.encode_text([item.caption])[0].cpu() for item in self._until_stopped()]
 
     def _unet_dtype(self) -> torch.dtype:
-        return next(self.model.unet.parameters()).dtype
+        return next(self.sd.unet.parameters()).dtype
 
     # --- outputs ---------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def _sample(self, epoch: int) -> Path:
-        model, config = self.model, self.config
+        model, config = self.sd, self.config
         prompt = config.sample_prompt or self.items[0].caption
         side = config.resolution // 8
         noise = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(config.seed)).to(self.device)
-        with self._autocast():
+        with self.autocast():
             context = torch.cat([model.encode_text([prompt]), model.encode_text([""])])
             abar = model.alphas_cumprod.to(self.device, torch.float32)
 
@@ -510,7 +442,7 @@ class _Run:
         return path
 
     def _metadata(self, *, final: bool, epoch: int | None = None) -> dict[str, str]:
-        config, model = self.config, self.model
+        config, model = self.config, self.sd
         epoch = epoch or math.ceil(self.step / self.steps_per_epoch)
         side = config.resolution
         values = {
@@ -554,19 +486,6 @@ class _Run:
         return values
 
 
-def _changed_settings(saved: object, now: dict[str, object]) -> str:
-    """'key: X then, Y now' for every setting that differs from the saved run's; '' when it can resume."""
-    try:
-        before = json.loads(saved)  # type: ignore[arg-type]
-    except (TypeError, json.JSONDecodeError):
-        before = None
-    before = before if isinstance(before, dict) else {}
-    keys = sorted(set(before) | set(now))
-    return ", ".join(
-        f"{k}: {before.get(k, '?')} then, {now.get(k, '?')} now" for k in keys if before.get(k) != now.get(k)
-    )
-
-
 def masked_mse(pred: Tensor, target: Tensor, mask: Tensor | None, weights: Tensor | None = None) -> Tensor:
     """Mean squared error per sample over the mask's area (every channel), weighted per sample, then averaged.
 
@@ -596,6 +515,8 @@ def _check_settings(config: TrainConfig, model: StableDiffusion) -> None:
         problems.append(f"mixed_precision must be one of {', '.join(PRECISIONS)}")
     elif config.mixed_precision == "fp16" and model.device.type != "cuda":
         problems.append("fp16 mixed precision needs a CUDA GPU; use bf16 or fp32")
+    if config.resume not in ("latest", "no") and not Path(config.resume).is_dir():
+        problems.append(f"resume must be {RESUME_HELP}")
     dtype = next(model.unet.parameters()).dtype
     if dtype != torch.float32 and config.mixed_precision == "fp32":
         problems.append(f"the model is in {dtype}: choose fp16 or bf16 mixed precision")

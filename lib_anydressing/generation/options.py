@@ -13,10 +13,10 @@ from typing import Any
 from PIL import Image
 
 from ..engine.token_pool import POOL_CHOICES
-from ..images import ImageInputError, load_image, to_rgb_and_mask
-from ..model_files import TRAINING_FREE
+from ..files.images import ImageInputError, load_image, to_rgb_and_mask
+from ..garments import CATEGORIES
+from .model_files import TRAINING_FREE
 
-CATEGORIES = ("upper", "lower", "dress", "hat", "shoes", "bag", "other")
 REGIONS = ("none", "mask", "box")
 SLOT_FIELDS = ("image", "mask", "category", "weight", "region", "box")
 GENERAL_FIELDS = (

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..engine import AnyDressingModel, GarmentFeatures
 from ..engine.regions import region_tokens
-from ..images import ImageInputError, garment_tensor
+from ..files.images import ImageInputError, garment_tensor
 from .options import GarmentSlot
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from PIL import Image
 
-from ..images import ImageInputError, load_image
+from ..files.images import ImageInputError, load_image
 from .sam_models import SamModelError, find_sam_files
 from .segmenter import GRABCUT, Segmenter, as_rgb_array
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from ..images import IMAGE_SUFFIXES, ImageInputError
+from ..files.images import IMAGE_SUFFIXES, ImageInputError
 from . import mask_tools as mt
 from .segmenter import Segmenter, as_rgb_array
 from .session import MaskEdits, SegmentState

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..bench_output import print_result
+from ..files.bench_output import print_result
 from .predictor import CachedPredictor
 from .sam_models import build_sam, read_state_dict
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..weights_file import WeightsFileError, load_tensors
+from ..files.weights import WeightsFileError, load_tensors
 
 # image encoder width -> (variant, depth) of the three original SAM ViTs
 VIT_VARIANTS = {768: ("vit_b", 12), 1024: ("vit_l", 24), 1280: ("vit_h", 32)}

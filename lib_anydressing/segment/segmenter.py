@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..images import to_rgb_and_mask
+from ..files.images import to_rgb_and_mask
 from .grabcut import grabcut
 from .predictor import CachedPredictor, Prediction
 from .sam_models import build_sam, find_sam_files, read_state_dict

@@ -1,2 +1,2 @@
-"""The AnyDressing trainer (GarmentsNet, GFE LoRAs, Dressing-Attention projections: docs/method.md),
-its dataset builder, losses and bench. Garment LoRAs for the WebUI are trained by `garment_lora`."""
+"""The training core both trainers share (loop.py: Fabric, precision, accumulation, resume; state.py: the
+resume format). The AnyDressing trainer is in anydressing_trainer/, the garment-LoRA trainer in garment_lora/."""

@@ -24,12 +24,12 @@ from torch import Tensor
 
 from ..engine import AnyDressingModel, CheckpointError, GarmentsNet, load_checkpoint, remove_dressing
 from ..engine.unet_layers import input_channels
+from ..files.images import ImageInputError
 from ..generation.garment_guidance import GarmentGuidance
+from ..generation.model_files import TRAINING_FREE, resolve_model, short_hash
 from ..generation.options import DressingOptions
 from ..generation.prepare import FeatureCache
 from ..generation.session import DressingSession
-from ..images import ImageInputError
-from ..model_files import TRAINING_FREE, resolve_model, short_hash
 from . import forge
 from .forge import is_forge, unet_of
 from .infotext import PREFIX, PROBLEMS, infotext

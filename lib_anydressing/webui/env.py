@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..model_files import model_dirs
+from ..generation.model_files import model_dirs
 from .forge import is_forge
 
 SECTION = ("anydressing", "AnyDressing")

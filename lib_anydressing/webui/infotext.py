@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from ..generation.options import CATEGORIES, DressingOptions
+from ..garments import CATEGORIES
+from ..generation.model_files import TRAINING_FREE
+from ..generation.options import DressingOptions
 from ..generation.prepare import image_digest
-from ..model_files import TRAINING_FREE
 
 PREFIX = "AnyDressing"
 PROBLEMS = f"{PREFIX} problems"  # why a generation went on without dressing; not pasted back

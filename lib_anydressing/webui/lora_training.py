@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..sd_checkpoint import StableDiffusion
+from ..sd.checkpoint import StableDiffusion
 
 DICTS = ("_parameters", "_buffers", "_modules", "_forward_pre_hooks", "_forward_hooks")
 
