@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import threading
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -405,7 +404,7 @@ def test_samples_every_epoch_and_aspect_buckets_never_mix_sizes(model, tmp_path)
     try:
         config = _config(data, tmp_path / "out", resolution=128, buckets=True, batch_size=2, sample_every_epochs=1)
         progress = []
-        result = train_lora(model, replace(config, sample_steps=2), on_progress=progress.append)
+        result = train_lora(model, config.copy(update={"sample_steps": 2}), on_progress=progress.append)
     finally:
         patch.restore()
     _assert_untouched(model, before)

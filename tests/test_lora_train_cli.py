@@ -78,7 +78,7 @@ def test_trains_from_a_toml_file_and_refuses_to_overwrite(files, capsys):
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda t: t + "\nlearning_rat = 1e-4", "unknown setting(s): learning_rat"),
+        (lambda t: t + "\nlearning_rat = 1e-4", "learning_rat: unknown setting"),
         (lambda t: t + '\npreset = "4 GB"', "unknown preset '4 GB'"),
         (lambda t: t.replace("name =", "nam ="), "needs name"),
         (lambda t: t.replace("checkpoint =", "# checkpoint ="), "needs `checkpoint"),

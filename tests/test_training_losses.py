@@ -279,7 +279,8 @@ def test_texture_loss_only_for_samples_at_or_below_eta():
     target[:, :, :, 4:] = 1  # an edge for Canny
     masks = torch.ones(3, 1, 8, 8)
     edges = images.canny_edges(target)[:, 0]
-    perc, hf = losses.texture_loss(decode, z_t, eps, abar, t, target, masks, edges, eta=350, hf=True)
+    where = losses.TextureTarget(target, masks, edges)
+    perc, hf = losses.texture_loss(decode, z_t, eps, abar, t, where, eta=350, hf=True)
     assert decoded_rows == [2] and perc.item() == 0  # rows 0 and 2 decoded; no DISTS given
     want = 0.0
     for b in (0, 2):
@@ -291,5 +292,5 @@ def test_texture_loss_only_for_samples_at_or_below_eta():
         want += float(((((image + 1) / 2) * edge - ((target[b] + 1) / 2) * edge) ** 2).sum())
     assert hf.item() == pytest.approx(want / 3, rel=1e-5)  # the batch mean counts the t > eta row as 0
     decoded_rows.clear()
-    none = losses.texture_loss(decode, z_t, eps, abar, torch.tensor([351, 999, 400]), target, masks, edges, eta=350)
+    none = losses.texture_loss(decode, z_t, eps, abar, torch.tensor([351, 999, 400]), where, eta=350)
     assert decoded_rows == [] and all(v.item() == 0 for v in none)

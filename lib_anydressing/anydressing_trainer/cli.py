@@ -33,7 +33,7 @@ def main(args: argparse.Namespace) -> int:
             cfg.steps = args.steps
         if args.resume is not None:
             cfg.resume = args.resume
-        cfg.validate()
+        cfg.check()
         step = train_from_config(cfg)
     except (ConfigError, TrainingError, WeightsFileError, ValueError, OSError) as e:
         print(f"error: {e}")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from ..files.config import ConfigFileError, read_toml
+from ..files.settings_model import Field, Settings, ValidationError, problems_of
 from ..garments import CATEGORIES
 from ..training.loop import PRECISIONS, RESUME_HELP
 from .losses import LossSwitches
@@ -19,12 +19,11 @@ class ConfigError(ValueError):
     """A training config that cannot be used, with a message meant for the user."""
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(Settings):
     # [model]
     sd_checkpoint: str = ""  # SD1.x single file (.safetensors/.ckpt), the WebUI's layout
     tokenizer: str = ""  # folder with vocab.json + merges.txt; empty: what the environment has
-    slots: list[str] = field(default_factory=lambda: list(CATEGORIES))  # GFE slot names = garment categories
+    slots: list[str] = Field(default_factory=lambda: list(CATEGORIES))  # GFE slot names = garment categories
     lora_rank: int = 16
     lora_alpha: float = 16.0
     da_strength: float = 1.0  # lambda of eq. 6 while training (the checkpoint's default for sampling is 0.7)
@@ -32,8 +31,8 @@ class TrainConfig:
     dists_weights: str = ""  # DISTS alpha/beta; empty: torchmetrics' or DISTS_pytorch's packaged file, else uniform
     # [data]
     manifest: str = ""
-    size: list[int] = field(default_factory=lambda: [768, 576])  # person image (height, width)
-    garment_size: list[int] = field(default_factory=lambda: [768, 576])
+    size: list[int] = Field(default_factory=lambda: [768, 576])  # person image (height, width)
+    garment_size: list[int] = Field(default_factory=lambda: [768, 576])
     max_garments: int = 4
     cache_latents: bool = False  # VAE latents of each sample stored under output_dir/latent_cache
     num_workers: int = 2
@@ -68,10 +67,15 @@ class TrainConfig:
     lambda_texture: float = LossSwitches.lambda_texture
     eta: int = LossSwitches.eta
 
-    def __post_init__(self) -> None:
-        self.validate()
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as e:
+            raise ConfigError(problems_of(e)) from e
+        self.check()
 
-    def validate(self) -> None:
+    def check(self) -> None:
+        """The rules between values (and ranges), checked again after a command line overrides some."""
         problems = []
         if self.mixed_precision not in PRECISIONS:
             problems.append(f"mixed_precision must be one of {', '.join(PRECISIONS)}")
@@ -111,11 +115,4 @@ class TrainConfig:
                 flat.update(value)
             else:
                 flat[key] = value
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(flat) - known)
-        if unknown:
-            raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
-        try:
-            return cls(**flat)
-        except TypeError as e:  # a missing/extra argument, or a value of the wrong type met in validate
-            raise ConfigError(str(e)) from e
+        return cls(**flat)

@@ -82,15 +82,23 @@ def high_frequency_loss(decoded: Tensor, target: Tensor, masks: Tensor, edges: T
     return (diff.float() ** 2).sum((2, 3, 4)).mean(1)
 
 
+@dataclass
+class TextureTarget:
+    """What GTL compares against: the real image (B, 3, H, W) in [-1, 1], the garment masks (B, N, H, W),
+    and the image's `canny_edges` (B, H, W), which L_hf needs."""
+
+    image: Tensor
+    masks: Tensor
+    edges: Tensor | None = None
+
+
 def texture_loss(
     decode: Callable[[Tensor], Tensor],
     z_t: Tensor,
     eps: Tensor,
     abar_t: Tensor,
     t: Tensor,
-    target: Tensor,
-    masks: Tensor,
-    edges: Tensor | None = None,
+    target: TextureTarget,
     *,
     eta: int,
     dists: Callable[[Tensor, Tensor], Tensor] | None = None,
@@ -98,9 +106,9 @@ def texture_loss(
 ) -> tuple[Tensor, Tensor]:
     """(L_perc, L_hf) as batch means, 0 for samples with t > eta; only the samples with t <= eta are decoded.
 
-    decode: scaled latents -> images in [-1, 1] (the VAE); target: (B, 3, H, W) in [-1, 1]; edges: (B, H, W)
-    the target's `canny_edges`, needed for L_hf.
+    decode: scaled latents -> images in [-1, 1] (the VAE).
     """
+    masks, edges = target.masks, target.edges
     zero = z_t.new_zeros((), dtype=torch.float32)
     keep = (t <= eta).nonzero().flatten()
     if keep.numel() == 0 or (dists is None and not hf):
@@ -108,7 +116,7 @@ def texture_loss(
     if hf and edges is None:
         raise ValueError("L_hf needs the target's Canny edges")
     decoded = decode(predicted_x0(z_t[keep], eps[keep], abar_t[keep]))
-    image, m = target[keep].to(decoded.dtype), masks[keep]
+    image, m = target.image[keep].to(decoded.dtype), masks[keep]
     batch = z_t.shape[0]
     perc = perceptual_loss(decoded, image, m, dists).sum() / batch if dists is not None else zero
     high = high_frequency_loss(decoded, image, m, edges[keep, None].to(m)).sum() / batch if hf else zero

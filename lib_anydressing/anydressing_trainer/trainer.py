@@ -50,7 +50,7 @@ from ..training.loop import LoopSettings, MicroBatch, StepRecord, Trainer
 from ..training.state import TrainingError
 from .config import TrainConfig
 from .dists import DISTS, load_dists
-from .losses import LossSwitches, ldm_loss, localization_loss, texture_loss
+from .losses import LossSwitches, TextureTarget, ldm_loss, localization_loss, texture_loss
 
 log = logging.getLogger(__name__)
 LOG_COLUMNS = ("step", "loss", "ldm", "loc", "perc", "hf", "texture_samples", "seconds")
@@ -229,9 +229,7 @@ class AnyDressingTrainer(Trainer):
                     eps,
                     abar,
                     t_dev,
-                    person,
-                    masks,
-                    item["edges"][None].to(dev),
+                    TextureTarget(person, masks, item["edges"][None].to(dev)),
                     eta=self.switches.eta,
                     dists=self.dists,
                     hf=self.switches.hf,

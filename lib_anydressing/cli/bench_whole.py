@@ -25,7 +25,7 @@ from ..engine import AnyDressingModel
 from ..generation.model_files import TRAINING_FREE
 from ..generation.options import from_values
 from ..generation.prepare import FeatureCache
-from ..generation.session import DressingSession
+from ..generation.session import DressingSession, HostContext
 from ..sd.architectures import SD15_UNET, SD_VAE, build_autoencoder
 from ..sd.attention import sdp_attention
 from ..sd.checkpoint import LATENT_SCALE
@@ -144,10 +144,8 @@ class _Bench:
 
     def _prepare(self, session: DressingSession) -> None:
         """What the WebUI does before sampling: garment features (cache or GarmentsNet), then install."""
-        session.prepare(
-            self.unet, self.garments_net, device=self.dev, dtype=self.dtype, target_wh=self.target_wh,
-            encode=self._encode, empty_prompt=self.context[1:], cache=self.cache, model_key="bench",
-        )  # fmt: skip
+        host = HostContext(self.dev, self.dtype, self._encode, self.context[1:])
+        session.prepare(self.garments_net, host, target_wh=self.target_wh, cache=self.cache, model_key="bench")
         session.install(self.unet)
 
     def _encode(self, pixels: Tensor) -> Tensor:

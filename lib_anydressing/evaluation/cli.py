@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ..files.config import ConfigFileError, read_toml
+from ..files.settings_model import Field, Settings, ValidationError, problems_of
 from ..files.weights import WeightsFileError
 
 PATH_KEYS = ("clip", "aesthetic", "aesthetic_clip", "manifest", "out")
@@ -29,6 +30,20 @@ PATH_KEYS = ("clip", "aesthetic", "aesthetic_clip", "manifest", "out")
 
 class ConfigError(ValueError):
     """A config or flag problem, with a message meant for the user."""
+
+
+class EvalConfig(Settings):
+    """The evaluation's settings (the module docstring shows them in a file)."""
+
+    clip: Path
+    manifest: Path
+    images: list[Path] = Field(
+        default_factory=list
+    )  # folders of generated images, one table row each; none: the manifest's own
+    aesthetic: Path | None = None
+    aesthetic_clip: Path | None = None
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    out: Path | None = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,15 +64,12 @@ def read_config(path: Path) -> dict[str, Any]:
     except ConfigFileError as e:
         raise ConfigError(str(e)) from e
     data = data.get("eval", data)
-    for key in PATH_KEYS:
-        if key in data:
-            data[key] = Path(data[key])
-    if "images" in data:
-        data["images"] = [Path(p) for p in (data["images"] if isinstance(data["images"], list) else [data["images"]])]
+    if isinstance(data.get("images"), str):
+        data["images"] = [data["images"]]
     return data
 
 
-def settings(args: argparse.Namespace) -> dict[str, Any]:
+def settings(args: argparse.Namespace) -> EvalConfig:
     """Config file values overridden by the flags given."""
     merged = read_config(args.config) if args.config else {}
     for key in (*PATH_KEYS, "images", "device"):
@@ -66,8 +78,10 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("clip", "manifest"):
         if not merged.get(key):
             raise ConfigError(f"no {key}: give --{key} or '{key}' in the config")
-    merged.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
-    return merged
+    try:
+        return EvalConfig(**merged)
+    except ValidationError as e:
+        raise ConfigError(problems_of(e)) from e
 
 
 def main(args: argparse.Namespace) -> int:
@@ -78,12 +92,12 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         s = settings(args)
-        encoder = ClipEncoder.from_folder(s["clip"], s["device"])
+        encoder = ClipEncoder.from_folder(s.clip, s.device)
         head, head_encoder = None, None
-        if s.get("aesthetic"):
-            head = load_aesthetic_head(s["aesthetic"]).to(s["device"])
-            if s.get("aesthetic_clip") and Path(s["aesthetic_clip"]) != Path(s["clip"]):
-                head_encoder = ClipEncoder.from_folder(s["aesthetic_clip"], s["device"])
+        if s.aesthetic:
+            head = load_aesthetic_head(s.aesthetic).to(s.device)
+            if s.aesthetic_clip and Path(s.aesthetic_clip) != Path(s.clip):
+                head_encoder = ClipEncoder.from_folder(s.aesthetic_clip, s.device)
             dim = (head_encoder or encoder).dim
             if dim != head.dim:
                 raise ConfigError(
@@ -93,14 +107,14 @@ def main(args: argparse.Namespace) -> int:
     except (ConfigError, WeightsFileError) as e:
         print(f"error: {e}")
         return 2
-    if not Path(s["manifest"]).is_file():
-        print(f"error: '{s['manifest']}' does not exist")
+    if not Path(s.manifest).is_file():
+        print(f"error: '{s.manifest}' does not exist")
         return 2
-    folders = s.get("images") or [None]
-    results = [evaluate(Path(s["manifest"]), f, encoder, head, head_encoder) for f in folders]
-    data = {"clip": encoder.name, "aesthetic": str(s.get("aesthetic") or ""), "rows": [r.as_json() for r in results]}
-    if s.get("out"):
-        Path(s["out"]).write_text(json.dumps(data, indent=2), encoding="utf-8")
+    folders = s.images or [None]
+    results = [evaluate(Path(s.manifest), f, encoder, head, head_encoder) for f in folders]
+    data = {"clip": encoder.name, "aesthetic": str(s.aesthetic or ""), "rows": [r.as_json() for r in results]}
+    if s.out:
+        Path(s.out).write_text(json.dumps(data, indent=2), encoding="utf-8")
     if args.json:
         print(json.dumps(data, indent=2))
     else:

@@ -83,10 +83,7 @@ def build_config(settings: dict[str, Any], preset: str | None, *, overwrite: boo
         raise TrainingError(f"the config needs {', '.join(missing)}")
     if overwrite:
         values["overwrite"] = True
-    try:
-        return TrainConfig.from_dict(values)
-    except TypeError as e:
-        raise TrainingError(f"bad setting: {e}") from e
+    return TrainConfig(**values)
 
 
 def _device(name: str) -> torch.device:

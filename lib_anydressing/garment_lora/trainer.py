@@ -25,9 +25,10 @@ import shutil
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +36,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
 from ..files.images import ImageInputError, garment_tensor, tensor_to_image
+from ..files.settings_model import Settings, ValidationError, problems_of
 from ..sd.checkpoint import StableDiffusion
 from ..sd.diffusion import diffusion_target, predicted_noise
 from ..sd.sampling import ddim_sample
@@ -75,8 +77,7 @@ PRESETS: dict[str, dict[str, object]] = {
 }
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(Settings):
     """Everything a run needs besides the model; the headless command reads the same keys from TOML."""
 
     dataset_dir: Path
@@ -114,16 +115,11 @@ class TrainConfig:
     overwrite: bool = False  # replace an existing <name>.safetensors
     base_model_name: str = ""
 
-    def __post_init__(self) -> None:
-        self.dataset_dir, self.output_dir = Path(self.dataset_dir), Path(self.output_dir)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, object]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise TrainingError(f"unknown setting(s): {', '.join(unknown)}")
-        return cls(**values)  # type: ignore[arg-type]
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as e:
+            raise TrainingError(problems_of(e)) from e
 
 
 @dataclass

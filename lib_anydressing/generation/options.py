@@ -1,27 +1,109 @@
-"""What the user asked for, from the UI's positional values or an API dict, checked once.
+"""What the user asked for, declared once and checked once.
 
-Every problem becomes a sentence naming the slot and what is wrong; nothing here raises on bad
-input, so the WebUI can show the messages and go on without dressing.
+`DressingArgs` and `GarmentArgs` (pydantic's v1 API, as adetailer uses it on both WebUIs) declare every
+option with its label, default, bounds, choices, slider range and infotext key; the accordion, the HTTP
+API, the script's argument order and the infotext all read them from there. Every problem becomes a
+sentence naming the slot and what is wrong; nothing here raises on bad input, so the WebUI can show the
+messages and go on without dressing.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from PIL import Image
 
 from ..engine.token_pool import POOL_CHOICES
 from ..files.images import ImageInputError, load_image, to_rgb_and_mask
+from ..files.settings_model import BaseModel, Extra, Field, ValidationError, validator
 from ..garments import CATEGORIES
 from .model_files import TRAINING_FREE
 
 REGIONS = ("none", "mask", "box")
-SLOT_FIELDS = ("image", "mask", "category", "weight", "region", "box")
-GENERAL_FIELDS = (
-    "enabled", "model", "strength", "start", "end", "resolution", "detail", "fine_pool", "garment_guidance"
-)  # fmt: skip
+_FLAGS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def _option(default: Any, label: str, says: str = "", **extra: Any) -> Any:
+    """A field with what each consumer reads: `label` (the accordion), `says` (how messages name it; default the
+    label), and in `extra`: ge/le bounds, `choices`, `ui` = (min, max, step[, value]) for a slider whose range
+    or starting value differs from the API's, `infotext` (its key after "AnyDressing ")."""
+    bounds = {k: extra.pop(k) for k in ("ge", "le") if k in extra}
+    return Field(default, title=label, says=says or label, **bounds, **extra)
+
+
+def strict_flag(value: Any) -> bool:
+    """A boolean from the UI or JSON; strings are read strictly, since bool("false") is True."""
+    if value is None or isinstance(value, bool) or (isinstance(value, int | float) and value in (0, 1)):
+        return bool(value)
+    flag = _FLAGS.get(str(value).strip().lower()) if isinstance(value, str) else None
+    if flag is None:
+        raise ValueError("must be true or false")
+    return flag
+
+
+class GarmentArgs(BaseModel):
+    """One garment slot, as the API sends it (`garments` list) or the accordion's slot components."""
+
+    image: Any = _option(None, "Garment", "image")  # PIL image or base64 string; None: an empty slot
+    mask: Any = _option(None, "mask (optional)", "mask")
+    category: str = _option("other", "category", choices=CATEGORIES)
+    weight: float = _option(1.0, "weight", ge=0.0, le=3.0, ui=(0.0, 2.0, 0.05))
+    region: str = _option("none", "region", choices=REGIONS)
+    box: Any = _option(None, "box", box=("x0", "y0", "x1", "y1"))  # [x0, y0, x1, y1] as fractions of the image
+
+    class Config:
+        extra = Extra.forbid
+
+
+class DressingArgs(BaseModel):
+    """The general options; `garments` holds the slots' raw values, each read as a GarmentArgs."""
+
+    enabled: bool = _option(False, "AnyDressing", "enabled")
+    model: str = _option(TRAINING_FREE, "Model", "model", infotext="model")
+    strength: float | None = _option(
+        None, "Strength (lambda)", "strength", ge=0.0, le=3.0, ui=(0.0, 2.0, 0.05, 1.0), infotext="strength"
+    )  # None: the model's default
+    start: float = _option(0.0, "Start", "start", ge=0.0, le=1.0, ui=(0.0, 1.0, 0.01))  # fraction of the steps
+    end: float = _option(1.0, "End", "end", ge=0.0, le=1.0, ui=(0.0, 1.0, 0.01))
+    resolution: int = _option(  # long side of the garment canvas; 0: the token budget (prepare.garment_canvas)
+        0, "Garment resolution (0: follow the image)", "garment resolution", ge=0, le=1536, ui=(0, 1024, 64),
+        infotext="resolution",
+    )  # fmt: skip
+    detail: float = _option(  # the token budget's factor: garment pixels per pixel of the image they cover
+        1.0, "Garment detail (with resolution 0)", "garment detail", ge=0.25, le=4.0, ui=(0.25, 4.0, 0.25)
+    )
+    fine_pool: int = _option(  # garment tokens pooled in s x s windows at the finest layers (engine/token_pool.py)
+        2, "Pool finest-layer garment tokens (s x s)", "fine-layer pooling", choices=POOL_CHOICES,
+        infotext="fine pooling",
+    )  # fmt: skip
+    garment_guidance: float | None = _option(
+        None,
+        "Garment guidance scale",
+        "garment guidance",
+        ge=0.0,
+        le=30.0,
+        ui=(0.0, 10.0, 0.1, 2.5),
+        infotext="garment guidance",
+    )  # MagicClothing-style separate garment scale; None: off
+    garments: list = Field(default_factory=list)
+
+    class Config:
+        extra = Extra.forbid
+
+    _strict = validator("enabled", pre=True, allow_reuse=True)(strict_flag)
+
+
+GENERAL_FIELDS = tuple(name for name in DressingArgs.__fields__ if name != "garments")
+SLOT_FIELDS = tuple(GarmentArgs.__fields__)
+
+
+def option(model: type[BaseModel], name: str) -> dict[str, Any]:
+    """A field's declaration as the accordion reads it: label, default, ge/le, choices, ui, infotext."""
+    f = model.__fields__[name]
+    info = f.field_info
+    return {"label": info.title, "default": f.default, "ge": info.ge, "le": info.le, **info.extra}
 
 
 @dataclass
@@ -44,19 +126,12 @@ class GarmentSlot:
         return Image.composite(self.image, white, self.mask)
 
 
-@dataclass
-class DressingOptions:
-    enabled: bool = False
-    model: str = TRAINING_FREE
-    strength: float | None = None  # None: the model's default
-    start: float = 0.0  # fraction of the sampling steps where dressing begins
-    end: float = 1.0
-    resolution: int = 0  # long side of the garment canvas in pixels; 0: the token budget (prepare.garment_canvas)
-    detail: float = 1.0  # the token budget's factor: garment pixels per pixel of the image they cover
-    fine_pool: int = 2  # garment tokens pooled in s x s windows at the finest layers (engine/token_pool.py)
-    garment_guidance: float | None = None  # MagicClothing-style separate garment scale; None: off
-    slots: list[GarmentSlot] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
+class DressingOptions(DressingArgs):
+    """The checked request: DressingArgs' values, the garment slots that can be used (images loaded), and
+    every problem found (the WebUI shows them and generates without dressing)."""
+
+    slots: list = Field(default_factory=list)  # GarmentSlot, in UI order
+    problems: list = Field(default_factory=list)  # str sentences
 
     @property
     def usable(self) -> bool:
@@ -65,28 +140,18 @@ class DressingOptions:
 
 def from_values(general: dict[str, Any], slot_values: list[dict[str, Any]]) -> DressingOptions:
     """Options from plain values: UI components or an API dict, images as PIL or base64 strings."""
-    opts = DressingOptions()
-    problems = opts.problems
-    opts.enabled = _flag(general.get("enabled", False), "enabled", problems)
-    opts.model = str(general.get("model") or TRAINING_FREE)
-    opts.strength = _number(general.get("strength"), "strength", problems, low=0.0, high=3.0, optional=True)
-    opts.start = _number(general.get("start", 0.0), "start", problems, low=0.0, high=1.0) or 0.0
-    end = _number(general.get("end", 1.0), "end", problems, low=0.0, high=1.0)
-    opts.end = 1.0 if end is None else end
+    problems: list[str] = []
+    args = _parse(DressingArgs, general, "", problems)
+    opts = DressingOptions(**args.dict(include=set(GENERAL_FIELDS)), problems=problems)
     if opts.start >= opts.end:
         problems.append(f"the dressing range is empty: start {opts.start} is not before end {opts.end}")
-    resolution = _number(general.get("resolution", 0), "garment resolution", problems, low=0, high=1536)
-    if resolution and resolution < 128:
-        problems.append(f"garment resolution {resolution:g} is below 128 (0 follows the image size)")
-    opts.resolution = int(resolution or 0)
-    detail = _number(general.get("detail", 1.0), "garment detail", problems, low=0.25, high=4.0)
-    opts.detail = 1.0 if detail is None else detail
-    pool = _number(general.get("fine_pool", 2), "fine-layer pooling", problems, low=1, high=4)
-    if pool is not None and pool not in POOL_CHOICES:
-        problems.append(f"fine-layer pooling {pool:g} is not one of {', '.join(map(str, POOL_CHOICES))}")
-    opts.fine_pool = int(pool) if pool in POOL_CHOICES else 2
-    guidance = general.get("garment_guidance")
-    opts.garment_guidance = _number(guidance, "garment guidance", problems, low=0.0, high=30.0, optional=True) or None
+    if 0 < opts.resolution < 128:
+        problems.append(f"garment resolution {opts.resolution} is below 128 (0 follows the image size)")
+        opts.resolution = 0
+    opts.model = opts.model or TRAINING_FREE
+    opts.garment_guidance = opts.garment_guidance or None
+    if not _checked_choice(DressingArgs, "fine_pool", opts.fine_pool, "", problems):
+        opts.fine_pool = DressingArgs.__fields__["fine_pool"].default
     for index, values in enumerate(slot_values, start=1):
         slot = _slot(index, values, problems)
         if slot is not None:
@@ -96,21 +161,63 @@ def from_values(general: dict[str, Any], slot_values: list[dict[str, Any]]) -> D
 
 def from_api(data: dict[str, Any]) -> DressingOptions:
     """The API's dict form: {"enabled": true, "model": ..., "garments": [{"image": base64, ...}, ...]}."""
-    unknown = sorted(set(data) - {*GENERAL_FIELDS, "garments"})
-    opts = from_values(data, list(data.get("garments") or []))
+    general = {k: v for k, v in data.items() if k != "garments"}
+    return from_values(general, list(data.get("garments") or []))
+
+
+def _parse(model: type[BaseModel], values: dict[str, Any], where: str, problems: list[str]) -> Any:
+    """`model` from `values`; each bad value becomes a sentence and falls back to the field's default (an
+    unreadable `enabled` turns dressing on, so the WebUI shows the message instead of ignoring it)."""
+    try:
+        return model(**values)
+    except ValidationError as e:
+        errors = e.errors()
+    bad = {str(err["loc"][0]) for err in errors}
+    unknown = sorted(bad - set(model.__fields__))
     if unknown:
-        opts.problems.append(f"unknown AnyDressing fields {unknown}; known: {[*GENERAL_FIELDS, 'garments']}")
-    return opts
+        known = [*model.__fields__]
+        problems.append(f"{where + ': ' if where else 'AnyDressing: '}unknown fields {unknown}; known: {known}")
+    for err in errors:
+        name = str(err["loc"][0])
+        if name in model.__fields__:
+            problems.append(_sentence(model, name, values.get(name), err["type"], where))
+    clean = {k: v for k, v in values.items() if k not in bad}
+    if "enabled" in bad and "enabled" in model.__fields__:
+        clean["enabled"] = True
+    return model(**clean)
+
+
+def _sentence(model: type[BaseModel], name: str, value: Any, kind: str, where: str) -> str:
+    spec = option(model, name)
+    who = f"{where} {spec['says']}".strip()
+    if model.__fields__[name].outer_type_ is bool:
+        return f"{who} must be true or false, not {value!r}"
+    if value is None or value == "":
+        return f"{who} is missing"
+    if kind in ("value_error.number.not_ge", "value_error.number.not_le"):
+        return f"{who} {float(value)} is outside {spec['ge']}..{spec['le']}"
+    if spec.get("choices"):
+        return f"{who} {value!r} is not one of {', '.join(map(str, spec['choices']))}"
+    return f"{who} must be a number, not {value!r}"
+
+
+def _checked_choice(model: type[BaseModel], name: str, value: Any, where: str, problems: list[str]) -> bool:
+    """Whether `value` is one of the field's declared choices; if not, the sentence that says so."""
+    spec = option(model, name)
+    if value in spec["choices"]:
+        return True
+    shown = f"'{value}'" if isinstance(value, str) else f"{value:g}"
+    problems.append(f"{where}{spec['says']} {shown} is not one of {', '.join(map(str, spec['choices']))}")
+    return False
 
 
 def _slot(index: int, values: dict[str, Any], problems: list[str]) -> GarmentSlot | None:
     where = f"garment {index}"
-    unknown = sorted(set(values) - set(SLOT_FIELDS))
-    if unknown:
-        problems.append(f"{where}: unknown fields {unknown}; known: {list(SLOT_FIELDS)}")
     raw = values.get("image")
     if raw is None or raw == "":
         return None  # an empty slot is not a problem
+    present = {k: v for k, v in values.items() if v is not None}
+    args = _parse(GarmentArgs, present, where, problems)
     try:
         image, alpha = to_rgb_and_mask(load_image(raw))
         mask = values.get("mask")
@@ -118,19 +225,15 @@ def _slot(index: int, values: dict[str, Any], problems: list[str]) -> GarmentSlo
     except (ImageInputError, ValueError) as e:
         problems.append(f"{where}: {e}")
         return None
-    category = str(values.get("category") or "other")
-    if category not in CATEGORIES:
-        problems.append(f"{where}: category '{category}' is not one of {', '.join(CATEGORIES)}")
-    weight = _number(values.get("weight", 1.0), f"{where} weight", problems, low=0.0, high=3.0)
-    region = str(values.get("region") or "none")
+    _checked_choice(GarmentArgs, "category", args.category, f"{where}: ", problems)
     box = None
-    if region not in REGIONS:
-        problems.append(f"{where}: region '{region}' is not one of {', '.join(REGIONS)}")
-    elif region == "mask" and mask_image is None:
+    if not _checked_choice(GarmentArgs, "region", args.region, f"{where}: ", problems):
+        pass
+    elif args.region == "mask" and mask_image is None:
         problems.append(f"{where}: region 'mask' needs a mask (or an RGBA cutout)")
-    elif region == "box":
-        box = _box(values.get("box"), where, problems)
-    return GarmentSlot(image, mask_image, category, 1.0 if weight is None else weight, region, box, index - 1)
+    elif args.region == "box":
+        box = _box(args.box, where, problems)
+    return GarmentSlot(image, mask_image, args.category, args.weight, args.region, box, index - 1)
 
 
 def _mask(image: Image.Image, size: tuple[int, int], where: str) -> Image.Image:
@@ -154,39 +257,6 @@ def _box(value: Any, where: str, problems: list[str]) -> tuple[float, float, flo
     return x0, y0, x1, y1
 
 
-_FLAGS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-
-
-def _flag(value: Any, name: str, problems: list[str]) -> bool:
-    """A boolean from the UI or JSON; strings are read strictly, since bool("false") is True.
-
-    An unreadable value is a problem and enables dressing, so the message is shown (not ignored).
-    """
-    if value is None or isinstance(value, bool) or (isinstance(value, int | float) and value in (0, 1)):
-        return bool(value)
-    flag = _FLAGS.get(str(value).strip().lower())
-    if flag is None:
-        problems.append(f"{name} must be true or false, not {value!r}")
-        return True
-    return flag
-
-
-def _number(value: Any, name: str, problems: list[str], *, low: float, high: float, optional: bool = False):
-    if value is None or value == "":
-        if not optional:
-            problems.append(f"{name} is missing")
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        problems.append(f"{name} must be a number, not {value!r}")
-        return None
-    if not low <= number <= high:
-        problems.append(f"{name} {number} is outside {low}..{high}")
-        return None
-    return number
-
-
 def from_script_args(args: Sequence[Any], n_slots: int) -> DressingOptions:
     """The script's arguments: the UI's flat values (see `script_arg_names`), or one API dict."""
     if args and isinstance(args[0], dict):
@@ -195,12 +265,17 @@ def from_script_args(args: Sequence[Any], n_slots: int) -> DressingOptions:
     values = dict(zip(names, args, strict=False))  # API callers may pass fewer values: defaults follow
     general = {k: values[k] for k in GENERAL_FIELDS if values.get(k) is not None}
     problems: list[str] = []
-    if not _flag(values.get("garment_guidance_enabled"), "garment guidance enabled", problems):
+    try:
+        guided = strict_flag(values.get("garment_guidance_enabled"))
+    except ValueError:
+        problems.append(f"garment guidance enabled must be true or false, not {values['garment_guidance_enabled']!r}")
+        guided = True
+    if not guided:
         general.pop("garment_guidance", None)
     slots = []
     for i in range(n_slots):
         slot = {f: values.get(f"slot{i}_{f}") for f in SLOT_FIELDS if f != "box"}
-        box = [values.get(f"slot{i}_box_{c}") for c in ("x0", "y0", "x1", "y1")]
+        box = [values.get(f"slot{i}_box_{c}") for c in option(GarmentArgs, "box")["box"]]
         slot["box"] = box if slot.get("region") == "box" else None
         slots.append(slot)
     opts = from_values(general, slots)
@@ -210,10 +285,10 @@ def from_script_args(args: Sequence[Any], n_slots: int) -> DressingOptions:
 
 def script_arg_names(n_slots: int) -> list[str]:
     """The order of the values the UI hands to the script: general settings, then each slot's."""
-    general = ["enabled", "model", "strength", "start", "end", "resolution", "detail", "fine_pool"]
-    general.append("garment_guidance_enabled")
-    general.append("garment_guidance")
-    per_slot = ["image", "mask", "category", "weight", "region", "box_x0", "box_y0", "box_x1", "box_y1"]
+    general = [*GENERAL_FIELDS]
+    general.insert(general.index("garment_guidance"), "garment_guidance_enabled")  # the UI's switch for it
+    corners = option(GarmentArgs, "box")["box"]
+    per_slot = [*(f for f in SLOT_FIELDS if f != "box"), *(f"box_{c}" for c in corners)]
     return general + [f"slot{i}_{name}" for i in range(n_slots) for name in per_slot]
 
 

@@ -31,6 +31,20 @@ Encode = Callable[[Tensor], Tensor]  # (N, 3, H, W) in [-1, 1] -> scaled latents
 
 
 @dataclass
+class HostContext:
+    """What only the WebUI (or a bench) has, for the GarmentsNet pass: where and in what dtype the UNet
+    samples, its VAE encoder, the empty-prompt embedding, the CLIP image encoder folder, and whether a
+    separate GarmentsNet goes back to the CPU after its pass (low VRAM)."""
+
+    device: torch.device
+    dtype: torch.dtype
+    encode: Encode
+    empty_prompt: Tensor | None
+    image_encoder_dir: str | Path | None = None
+    offload_garments_net: bool = False
+
+
+@dataclass
 class PreparedGarments:
     features: GarmentFeatures
     regions: list[Tensor | None]
@@ -52,27 +66,16 @@ class DressingSession:
         self.prepared: PreparedGarments | None = None
 
     def prepare(
-        self,
-        unet: nn.Module,
-        garments_net: GarmentsNet,
-        *,
-        device: torch.device,
-        dtype: torch.dtype,
-        target_wh: tuple[int, int],
-        encode: Encode,
-        empty_prompt: Tensor | None,
-        cache: FeatureCache,
+        self, garments_net: GarmentsNet, host: HostContext, *, target_wh: tuple[int, int], cache: FeatureCache,
         model_key: str,
-        image_encoder_dir: str | Path | None = None,
-        offload_garments_net: bool = False,
-    ) -> PreparedGarments:
+    ) -> PreparedGarments:  # fmt: skip
         """Garment features for this generation: from the cache, or one GarmentsNet pass.
 
-        `device`/`dtype` are the sampling device and the UNet's compute dtype. A separate GarmentsNet
-        (and any GFE LoRA) is brought there for the pass; a separate one goes back to the CPU after it
-        when `offload_garments_net` (low VRAM), whatever happened.
+        A separate GarmentsNet (and any GFE LoRA) is brought to the host's device and dtype for the pass;
+        a separate one goes back to the CPU after it when `host.offload_garments_net`, whatever happened.
         """
         slots = self.opts.slots
+        device, dtype, image_encoder_dir = host.device, host.dtype, host.image_encoder_dir
         self.device, self.dtype = device, dtype
         canvas = garment_canvas(target_wh, slots, self.opts.resolution, self.opts.detail)
         slot_ids = lora_slots(self.model, slots)
@@ -84,7 +87,7 @@ class DressingSession:
         from_cache = features is not None
         if features is None:
             images = [s.masked_image() for s in slots]
-            context, note = garment_context(self.model, images, empty_prompt, image_encoder_dir)
+            context, note = garment_context(self.model, images, host.empty_prompt, image_encoder_dir)
             notes += [note] if note else []
             if garments_net.lora is not None:
                 garments_net.lora.to(device, dtype)
@@ -92,12 +95,12 @@ class DressingSession:
                 if not garments_net.shared:
                     garments_net.to(device, dtype)
                 with torch.no_grad():
-                    latents = encode(garment_batch(slots, canvas).to(device))
+                    latents = host.encode(garment_batch(slots, canvas).to(device))
                     features = garments_net.extract(
                         latents, slots=slot_ids, context=context, dtype=dtype, device=device
                     )
             finally:
-                if offload_garments_net and not garments_net.shared:
+                if host.offload_garments_net and not garments_net.shared:
                     garments_net.to("cpu")
             cache.put(key, features)
         self.prepared = PreparedGarments(features, regions, [s.weight for s in slots], from_cache, notes)

@@ -7,10 +7,9 @@ from typing import Any
 
 import gradio as gr
 
-from ..engine.token_pool import POOL_CHOICES
 from ..garments import CATEGORIES
 from ..generation.model_files import TRAINING_FREE, describe_model, list_models
-from ..generation.options import REGIONS, script_arg_names
+from ..generation.options import DressingArgs, GarmentArgs, option, script_arg_names
 from .infotext import pasted
 
 
@@ -27,40 +26,33 @@ def build(elem_id, n_slots: int, dirs, refresh, tab: str = "txt2img") -> tuple[l
     from modules.ui_components import InputAccordion, ToolButton
 
     components: dict[str, Any] = {}
-    with InputAccordion(False, label="AnyDressing", elem_id=elem_id("enabled")) as enabled:
+    with InputAccordion(False, label=option(DressingArgs, "enabled")["label"], elem_id=elem_id("enabled")) as enabled:
         components["enabled"] = enabled
         with gr.Row():
-            model = gr.Dropdown(model_choices(dirs), value=TRAINING_FREE, label="Model", elem_id=elem_id("model"))
+            label = option(DressingArgs, "model")["label"]
+            model = gr.Dropdown(model_choices(dirs), value=TRAINING_FREE, label=label, elem_id=elem_id("model"))
             refresh_button = ToolButton("\U0001f504", elem_id=elem_id("refresh"), tooltip="Refresh the model list")
             refresh_button.click(lambda: gr.update(choices=refresh()), outputs=[model])
             components["model"] = model
         details = gr.Markdown(describe_model(TRAINING_FREE, dirs)[1], elem_id=elem_id("model_details"))
         with gr.Row():
-            components["strength"] = gr.Slider(
-                0.0, 2.0, 1.0, step=0.05, label="Strength (lambda)", elem_id=elem_id("strength")
-            )
-            components["start"] = gr.Slider(0.0, 1.0, 0.0, step=0.01, label="Start", elem_id=elem_id("start"))
-            components["end"] = gr.Slider(0.0, 1.0, 1.0, step=0.01, label="End", elem_id=elem_id("end"))
+            for name in ("strength", "start", "end"):
+                components[name] = _slider(DressingArgs, name, elem_id=elem_id(name))
         # .input, not .change: a pasted infotext sets the model and its strength; the default must not win
         model.input(lambda name: _describe(name, dirs), inputs=[model], outputs=[components["strength"], details])
         with gr.Row():
-            components["resolution"] = gr.Slider(
-                0, 1024, 0, step=64, label="Garment resolution (0: follow the image)", elem_id=elem_id("resolution")
-            )
-            components["detail"] = gr.Slider(
-                0.25, 4.0, 1.0, step=0.25, label="Garment detail (with resolution 0)", elem_id=elem_id("detail")
-            )
+            for name in ("resolution", "detail"):
+                components[name] = _slider(DressingArgs, name, elem_id=elem_id(name))
+            pool = option(DressingArgs, "fine_pool")
             components["fine_pool"] = gr.Radio(
-                [str(s) for s in POOL_CHOICES], value="2", label="Pool finest-layer garment tokens (s x s)",
+                [str(s) for s in pool["choices"]], value=str(pool["default"]), label=pool["label"],
                 elem_id=elem_id("fine_pool"),
             )  # fmt: skip
         with gr.Row():
             components["garment_guidance_enabled"] = gr.Checkbox(
                 False, label="Garment guidance (separate scale, one more UNet row per image)", elem_id=elem_id("gg")
             )
-            components["garment_guidance"] = gr.Slider(
-                0.0, 10.0, 2.5, step=0.1, label="Garment guidance scale", elem_id=elem_id("gg_scale")
-            )
+            components["garment_guidance"] = _slider(DressingArgs, "garment_guidance", elem_id=elem_id("gg_scale"))
         with gr.Tabs():
             for i in range(n_slots):
                 garment = f"Garment {i + 1}"  # in every label: A1111 saves UI defaults by label (ui-config.json)
@@ -78,25 +70,37 @@ def build(elem_id, n_slots: int, dirs, refresh, tab: str = "txt2img") -> tuple[l
                     with gr.Row():
                         components[f"slot{i}_category"] = gr.Dropdown(
                             list(CATEGORIES),
-                            value=CATEGORIES[i % 2],
-                            label=f"{garment} category",
+                            value=CATEGORIES[i % 2],  # tops and bottoms alternate: the usual outfit
+                            label=f"{garment} {option(GarmentArgs, 'category')['label']}",
                             elem_id=elem_id(f"slot{i}_category"),
                         )
-                        components[f"slot{i}_weight"] = gr.Slider(
-                            0.0, 2.0, 1.0, step=0.05, label=f"{garment} weight", elem_id=elem_id(f"slot{i}_weight")
+                        components[f"slot{i}_weight"] = _slider(
+                            GarmentArgs, "weight", elem_id=elem_id(f"slot{i}_weight"), prefix=f"{garment} "
                         )
+                        region = option(GarmentArgs, "region")
                         components[f"slot{i}_region"] = gr.Radio(
-                            list(REGIONS), value="none", label=f"{garment} region", elem_id=elem_id(f"slot{i}_region")
-                        )
+                            list(region["choices"]), value=region["default"], label=f"{garment} {region['label']}",
+                            elem_id=elem_id(f"slot{i}_region"),
+                        )  # fmt: skip
                     with gr.Row():
-                        for corner, default in (("x0", 0.0), ("y0", 0.0), ("x1", 1.0), ("y1", 1.0)):
+                        for corner in option(GarmentArgs, "box")["box"]:
                             components[f"slot{i}_box_{corner}"] = gr.Number(
-                                default, label=f"{garment} box {corner}", elem_id=elem_id(f"slot{i}_{corner}")
+                                float(corner.endswith("1")),  # the whole image: 0, 0, 1, 1
+                                label=f"{garment} box {corner}",
+                                elem_id=elem_id(f"slot{i}_{corner}"),
                             )
     SLOT_IMAGES[tab] = [components[f"slot{i}_image"] for i in range(n_slots)]
     ordered = [components[name] for name in script_arg_names(n_slots)]
     fields = [(component, _paste(name, n_slots)) for name, component in components.items() if _pastable(name)]
     return ordered, fields
+
+
+def _slider(model, name: str, *, elem_id: str, prefix: str = "") -> Any:
+    """The field's slider: its declared UI range and step, starting at its UI value or default."""
+    spec = option(model, name)
+    low, high, step, *start = spec["ui"]
+    value = start[0] if start else spec["default"]
+    return gr.Slider(low, high, value, step=step, label=prefix + spec["label"], elem_id=elem_id)
 
 
 def _describe(name: str, dirs) -> tuple[Any, str]:

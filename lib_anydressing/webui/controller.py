@@ -29,7 +29,7 @@ from ..generation.garment_guidance import GarmentGuidance
 from ..generation.model_files import TRAINING_FREE, resolve_model, short_hash
 from ..generation.options import DressingOptions
 from ..generation.prepare import FeatureCache
-from ..generation.session import DressingSession
+from ..generation.session import DressingSession, HostContext
 from . import forge
 from .forge import is_forge, unet_of
 from .infotext import PREFIX, PROBLEMS, infotext
@@ -152,18 +152,20 @@ class Controller:
             self.cache.max_entries = self.env.cache_size()
             self.env.load_unet(p)
             with self.env.autocast():
-                prepared = session.prepare(
-                    unet,
-                    self._garments_net_for(pending.model, pending.model_key, unet, p),
+                host = HostContext(
                     device=self.env.device(),
                     dtype=self.env.dtype(p),
-                    target_wh=(p.width, p.height),
                     encode=lambda images: self.env.encode(p, images),
                     empty_prompt=self.env.empty_prompt(p),
-                    cache=self.cache,
-                    model_key=f"{pending.model_key}:{networks}",
                     image_encoder_dir=self.env.image_encoder_dir(),
                     offload_garments_net=self.env.offload_garments_net(),
+                )
+                prepared = session.prepare(
+                    self._garments_net_for(pending.model, pending.model_key, unet, p),
+                    host,
+                    target_wh=(p.width, p.height),
+                    cache=self.cache,
+                    model_key=f"{pending.model_key}:{networks}",
                 )
             install(session)
         except Exception as e:  # out of memory, a device problem...: a message, never a traceback

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 from ..garments import CATEGORIES
 from ..generation.model_files import TRAINING_FREE
-from ..generation.options import DressingOptions
+from ..generation.options import DressingArgs, DressingOptions, option
 from ..generation.prepare import image_digest
 
 PREFIX = "AnyDressing"
 PROBLEMS = f"{PREFIX} problems"  # why a generation went on without dressing; not pasted back
-GUIDANCE = f"{PREFIX} garment guidance"  # present only when it was on
+RANGE, GARMENTS = f"{PREFIX} range", f"{PREFIX} garments"  # start-end; the slots, one entry each
+
+
+def key(name: str) -> str:
+    """The infotext key of a DressingArgs field, as the field declares it."""
+    return f"{PREFIX} {option(DressingArgs, name)['infotext']}"
+
+
+GUIDANCE = key("garment_guidance")  # present only when it was on
 
 
 def infotext(opts: DressingOptions, model_label: str, strength: float) -> dict[str, str]:
@@ -20,12 +28,12 @@ def infotext(opts: DressingOptions, model_label: str, strength: float) -> dict[s
         for slot in opts.slots
     )
     entries = {
-        f"{PREFIX} model": model_label,
-        f"{PREFIX} strength": f"{strength:g}",
-        f"{PREFIX} range": f"{opts.start:g}-{opts.end:g}",
-        f"{PREFIX} resolution": str(opts.resolution) if opts.resolution else f"auto x{opts.detail:g}",
-        f"{PREFIX} fine pooling": str(opts.fine_pool),
-        f"{PREFIX} garments": garments,
+        key("model"): model_label,
+        key("strength"): f"{strength:g}",
+        RANGE: f"{opts.start:g}-{opts.end:g}",
+        key("resolution"): str(opts.resolution) if opts.resolution else f"auto x{opts.detail:g}",
+        key("fine_pool"): str(opts.fine_pool),
+        GARMENTS: garments,
     }
     if opts.garment_guidance is not None:
         entries[GUIDANCE] = f"{opts.garment_guidance:g}"
@@ -34,14 +42,18 @@ def infotext(opts: DressingOptions, model_label: str, strength: float) -> dict[s
 
 def pasted(params: dict[str, str], n_slots: int) -> dict[str, object]:
     """The UI values an infotext sets: the same names as the script's arguments (images cannot be pasted)."""
-    if f"{PREFIX} model" not in params:
+    if key("model") not in params:
         return {}
-    values: dict[str, object] = {"enabled": True, "model": params[f"{PREFIX} model"].split(" [")[0] or TRAINING_FREE}
-    for key, name in (("strength", "strength"), ("resolution", "resolution"), ("fine pooling", "fine_pool")):
-        number = _float(params.get(f"{PREFIX} {key}"))
+    return {**_general(params), **_garments(params.get(GARMENTS, ""), n_slots)}
+
+
+def _general(params: dict[str, str]) -> dict[str, object]:
+    values: dict[str, object] = {"enabled": True, "model": params[key("model")].split(" [")[0] or TRAINING_FREE}
+    for name in ("strength", "resolution", "fine_pool"):
+        number = _float(params.get(key(name)))
         if number is not None:
             values[name] = number
-    resolution = params.get(f"{PREFIX} resolution", "")
+    resolution = params.get(key("resolution"), "")
     if resolution.startswith("auto x") and _float(resolution[6:]) is not None:
         values["resolution"], values["detail"] = 0, _float(resolution[6:])
     if "fine_pool" in values:
@@ -50,10 +62,16 @@ def pasted(params: dict[str, str], n_slots: int) -> dict[str, object]:
     values["garment_guidance_enabled"] = guidance is not None  # absent: the image was made without it
     if guidance is not None:
         values["garment_guidance"] = guidance
-    start, _, end = params.get(f"{PREFIX} range", "").partition("-")
+    start, _, end = params.get(RANGE, "").partition("-")
     if _float(start) is not None and _float(end) is not None:
         values["start"], values["end"] = _float(start), _float(end)
-    for entry in params.get(f"{PREFIX} garments", "").split(","):
+    return values
+
+
+def _garments(entries: str, n_slots: int) -> dict[str, object]:
+    """Each 'slot:category:hash:weight:region' entry's category, weight and region (or box corners)."""
+    values: dict[str, object] = {}
+    for entry in entries.split(","):
         number, category, _, weight, region = [*entry.strip().split(":", 4), "", "", "", "", ""][:5]
         if not number.isdigit() or not 1 <= int(number) <= n_slots:
             continue
@@ -62,15 +80,20 @@ def pasted(params: dict[str, str], n_slots: int) -> dict[str, object]:
             values[f"slot{i}_category"] = category
         if _float(weight) is not None:
             values[f"slot{i}_weight"] = _float(weight)
-        if region.startswith("box "):
-            corners = [_float(v) for v in region[4:].split()]
-            if len(corners) == 4 and None not in corners:
-                values[f"slot{i}_region"] = "box"
-                for corner, v in zip(("x0", "y0", "x1", "y1"), corners, strict=True):
-                    values[f"slot{i}_box_{corner}"] = v
-        elif region in ("none", "mask"):
-            values[f"slot{i}_region"] = region
+        values.update(_region(i, region))
     return values
+
+
+def _region(i: int, region: str) -> dict[str, object]:
+    if region in ("none", "mask"):
+        return {f"slot{i}_region": region}
+    corners = [_float(v) for v in region[4:].split()] if region.startswith("box ") else []
+    if len(corners) != 4 or None in corners:
+        return {}
+    return {
+        f"slot{i}_region": "box",
+        **{f"slot{i}_box_{c}": v for c, v in zip(("x0", "y0", "x1", "y1"), corners, strict=False)},
+    }
 
 
 def _float(text: str | None) -> float | None:
