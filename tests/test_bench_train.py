@@ -7,10 +7,11 @@ import json
 import torch
 
 from lib_anydressing.anydressing_trainer import bench
+from lib_anydressing.sd.random_models import sd15_shaped
 
 
-def test_bench_model_has_sd15_shapes():
-    sd = bench.bench_model(model_channels=32, vae_channels=32)
+def test_the_benches_model_has_sd15_shapes():
+    sd = sd15_shaped(model_channels=32, vae_channels=32)
     assert sd.unet.model_channels == 32 and sd.text_encoder.config.hidden_size == 768
     assert len([m for m in sd.unet.modules() if hasattr(m, "attn1")]) == 16  # SD1.5's 16 transformer blocks
     assert sd.vae.encoder.num_res_blocks == 2 and sd.encode_text(["a"]).shape == (1, 77, 768)

@@ -24,10 +24,7 @@ import torch
 
 from ..files.bench_output import print_result
 from ..files.images import canny_edges
-from ..sd.architectures import SD15_UNET, TINY_VAE
-from ..sd.checkpoint import StableDiffusion
-from ..sd.random_models import build_unet, reinitialise
-from ..sd.tokenizer import tiny_clip_tokenizer
+from ..sd.random_models import sd15_shaped
 from ..training.loop import PRECISIONS
 from .config import TrainConfig
 from .dists import DISTS
@@ -60,33 +57,6 @@ def main(args: argparse.Namespace) -> int:
         )
     print_result(result, args.json)
     return 0
-
-
-def bench_model(model_channels: int = 320, vae_channels: int = 128, seed: int = 0) -> StableDiffusion:
-    """SD1.5-shaped UNet and VAE (real ldm classes, random weights) and a one-layer CLIP text encoder of SD's width."""
-    from ldm.models.autoencoder import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    tokenizer = tiny_clip_tokenizer()
-    torch.manual_seed(seed)
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=SD15_UNET["context_dim"],
-        intermediate_size=4 * SD15_UNET["context_dim"],
-        num_hidden_layers=1,
-        num_attention_heads=12,
-        max_position_embeddings=77,
-        hidden_act="quick_gelu",
-    )
-    text_encoder = CLIPTextModel(text_config)
-    vae_config = {**TINY_VAE, "ch": vae_channels, "num_res_blocks": 2}
-    vae = AutoencoderKL(ddconfig=vae_config, lossconfig={"target": "torch.nn.Identity"}, embed_dim=4)
-    reinitialise(vae, seed=seed + 1)
-    unet = build_unet(SD15_UNET, model_channels=model_channels, seed=seed)
-    sd = StableDiffusion(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
-    for module in sd.modules().values():
-        module.eval().requires_grad_(False)
-    return sd
 
 
 def synthetic_item(size: tuple[int, int], garment_size: tuple[int, int], n_garments: int, seed: int = 0) -> dict:
@@ -123,7 +93,7 @@ def run_bench_train(
 
     dev = torch.device(device)
     cuda = dev.type == "cuda"
-    sd = bench_model(model_channels, vae_channels)
+    sd = sd15_shaped(model_channels, vae_channels)
     vgg = make_layers(cfgs["D"])  # torchvision's VGG16 feature stack, random: the cost of L_perc, not its values
     dists = DISTS({f"features.{k}": v for k, v in vgg.state_dict().items()})
     item = synthetic_item(size, garment_size, n_garments)

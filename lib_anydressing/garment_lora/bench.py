@@ -21,10 +21,7 @@ import torch
 from PIL import Image
 
 from ..files.bench_output import print_result
-from ..sd.architectures import SD15_UNET, SD_VAE, build_autoencoder
-from ..sd.checkpoint import StableDiffusion
-from ..sd.random_models import build_unet, reinitialise
-from ..sd.tokenizer import tiny_clip_tokenizer
+from ..sd.random_models import sd15_shaped
 from .trainer import Progress, TrainConfig, train_lora
 
 
@@ -54,7 +51,7 @@ def run_bench(
 ) -> dict[str, object]:
     cuda = device.type == "cuda"
     dtype = torch.float16 if cuda else torch.float32
-    model = _sd15_shaped(model_channels, resolution).to(device, dtype)
+    model = sd15_shaped(model_channels).to(device, dtype)
     result: dict[str, object] = {
         "device": str(device),
         "resolution": resolution,
@@ -110,20 +107,6 @@ def _stamp(progress: Progress, stamps: list[float], cuda: bool) -> None:
     if cuda:
         torch.cuda.synchronize()
     stamps.append(time.perf_counter())
-
-
-def _sd15_shaped(model_channels: int, resolution: int) -> StableDiffusion:
-    """SD1.5's UNet (at the given width) and VAE shapes, a one-layer 768-wide CLIP text encoder (cached anyway)."""
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    tokenizer = tiny_clip_tokenizer()
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=1)
-    )
-    vae = build_autoencoder({**SD_VAE, "resolution": resolution}, embed_dim=4)
-    reinitialise(vae, seed=1)
-    unet = build_unet(SD15_UNET, model_channels=model_channels)
-    return StableDiffusion(unet=unet, vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer)
 
 
 def _dataset(folder: Path, resolution: int) -> Path:

@@ -41,6 +41,13 @@ TINY_VAE: dict[str, Any] = {
     "dropout": 0.0,
 }
 SD_VAE: dict[str, Any] = {**TINY_VAE, "ch": 128, "num_res_blocks": 2}  # SD1.x's VAE shape
+SD15_TEXT: dict[str, Any] = {  # SD1.x's text width with one layer: the benches' text encoder
+    "hidden_size": SD15_UNET["context_dim"],
+    "intermediate_size": 4 * SD15_UNET["context_dim"],
+    "num_hidden_layers": 1,
+    "num_attention_heads": 12,
+    "max_position_embeddings": 77,
+}
 TINY_TEXT: dict[str, Any] = {
     "hidden_size": 64,
     "intermediate_size": 128,

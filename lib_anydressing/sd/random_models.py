@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architectures import SD15_UNET, TINY_TEXT, TINY_UNET, TINY_VAE, build_autoencoder
+from .architectures import SD15_TEXT, SD15_UNET, SD_VAE, TINY_TEXT, TINY_UNET, TINY_VAE, build_autoencoder
 from .checkpoint import StableDiffusion
 from .tokenizer import tiny_clip_tokenizer
 
@@ -36,21 +36,46 @@ def reinitialise(module: nn.Module, *, seed: int = 0, std: float = 0.02) -> None
             p.copy_((1.0 + noise) if is_norm_weight else noise.to(p.dtype) * (5 if p.ndim > 1 else 1))
 
 
-def tiny_stable_diffusion(seed: int = 0, *, prediction: str = "eps", **unet_overrides: Any) -> StableDiffusion:
-    """The real classes with tiny configs and seeded random weights (tests, benches); no file is read."""
+def random_stable_diffusion(
+    *, unet: dict[str, Any], vae: dict[str, Any], text: dict[str, Any], seed: int = 0, prediction: str = "eps",
+    **unet_overrides: Any,
+) -> StableDiffusion:  # fmt: skip
+    """The real classes at these configs with seeded random weights; no file is read. `text`: a CLIPTextConfig's
+    sizes (the vocabulary is the tiny real tokenizer's)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = tiny_clip_tokenizer()
-    text_config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_act="quick_gelu", **TINY_TEXT)
+    text_config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_act="quick_gelu", **text)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(text_config)
     reinitialise(text_encoder, seed=seed + 1)
-    vae = build_autoencoder(TINY_VAE, embed_dim=4)
-    reinitialise(vae, seed=seed + 2)
-    # SD1.5's two res blocks per level: kohya's key names (diffusers block numbers) assume that layout
-    overrides = {"context_dim": TINY_TEXT["hidden_size"], "num_res_blocks": 2, **unet_overrides}
-    unet = build_unet(TINY_UNET, seed=seed, **overrides)
-    model = StableDiffusion(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, prediction=prediction)
+    autoencoder = build_autoencoder(vae, embed_dim=4)
+    reinitialise(autoencoder, seed=seed + 2)
+    model = StableDiffusion(
+        unet=build_unet(unet, seed=seed, **unet_overrides),
+        vae=autoencoder,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        prediction=prediction,
+    )
     for module in model.modules().values():
         module.eval().requires_grad_(False)
     return model
+
+
+def tiny_stable_diffusion(seed: int = 0, *, prediction: str = "eps", **unet_overrides: Any) -> StableDiffusion:
+    """The tests' model: SD1.5's topology, narrow, with two res blocks per level (kohya's key names, diffusers'
+    block numbers, assume that layout)."""
+    overrides = {"context_dim": TINY_TEXT["hidden_size"], "num_res_blocks": 2, **unet_overrides}
+    return random_stable_diffusion(
+        unet=TINY_UNET, vae=TINY_VAE, text=TINY_TEXT, seed=seed, prediction=prediction, **overrides
+    )
+
+
+def sd15_shaped(model_channels: int = 320, vae_channels: int = 128, seed: int = 0) -> StableDiffusion:
+    """The benches' model: SD1.5's UNet (at this width) and VAE shapes, and a one-layer CLIP text encoder of
+    SD's width (its cost is small next to the UNet's, and the trainers cache its output)."""
+    return random_stable_diffusion(
+        unet={**SD15_UNET, "model_channels": model_channels}, vae={**SD_VAE, "ch": vae_channels}, text=SD15_TEXT,
+        seed=seed,
+    )  # fmt: skip

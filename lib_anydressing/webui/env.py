@@ -1,6 +1,6 @@
 """The WebUI's answers to what the controller asks, from `modules.*` (A1111) and `backend.*` (Forge).
 
-Only lib_anydressing/webui/ imports them (env.py, forge.py, lora_training.py, ui.py).
+Only lib_anydressing/webui/ imports them (env.py, forge.py, lora_training.py, accordion.py).
 """
 
 from __future__ import annotations
