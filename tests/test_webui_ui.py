@@ -87,6 +87,11 @@ def test_infotext_fields_paste_values_the_components_accept(ui):
     guided = {c.elem_id: f({**params, "AnyDressing garment guidance": "2.5"}) for c, f in fields}
     assert (guided["script_anydressing_gg"], guided["script_anydressing_gg_scale"]) == (True, 2.5)
     assert not any(c.elem_id.endswith(("_image", "_mask")) for c, _ in fields)
+    for written in ("training-free", "training-free (no weights) [00000000]"):  # aliases: the dropdown's own value
+        model = {c.elem_id: f({**params, "AnyDressing model": written}) for c, f in fields}["script_anydressing_model"]
+        assert model == TRAINING_FREE
+    dropdown = next(c for c, _ in fields if c.elem_id == "script_anydressing_model")
+    assert dropdown.allow_custom_value  # a pasted model that is not installed stays visible, then is reported
 
 
 def test_model_details_show_origin_and_problems(tmp_path):

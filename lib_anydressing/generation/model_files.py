@@ -8,6 +8,7 @@ from pathlib import Path
 
 EXTENSION_MODELS = Path(__file__).resolve().parents[2] / "models" / "anydressing"
 TRAINING_FREE = "training-free (no weights)"
+TRAINING_FREE_NAMES = (TRAINING_FREE, "training-free", "")  # what API callers and pasted infotexts may write
 ENV_DIR = "ANYDRESSING_MODELS_DIR"
 PEER_FILES = {"garment_extractor.safetensors"}  # MagicClothing's raw extractor: converted, not listed
 
@@ -35,7 +36,7 @@ def list_models(dirs: Iterable[Path]) -> dict[str, Path]:
 
 def resolve_model(name: str, dirs: Iterable[Path]) -> Path | None:
     """None for the training-free default; else the file named `name` (a path, or a listed name)."""
-    if name in (TRAINING_FREE, "training-free", ""):
+    if name in TRAINING_FREE_NAMES:
         return None
     if Path(name).suffix == ".safetensors" and Path(name).exists():
         return Path(name)

@@ -30,7 +30,9 @@ def build(elem_id, n_slots: int, dirs, refresh, tab: str = "txt2img") -> tuple[l
         components["enabled"] = enabled
         with gr.Row():
             label = option(DressingArgs, "model")["label"]
-            model = gr.Dropdown(model_choices(dirs), value=TRAINING_FREE, label=label, elem_id=elem_id("model"))
+            model = gr.Dropdown(  # a pasted model that is not installed stays shown, and is reported when used
+                model_choices(dirs), value=TRAINING_FREE, label=label, elem_id=elem_id("model"), allow_custom_value=True
+            )
             refresh_button = ToolButton("\U0001f504", elem_id=elem_id("refresh"), tooltip="Refresh the model list")
             refresh_button.click(lambda: gr.update(choices=refresh()), outputs=[model])
             components["model"] = model

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..garments import CATEGORIES
-from ..generation.model_files import TRAINING_FREE
+from ..generation.model_files import TRAINING_FREE, TRAINING_FREE_NAMES
 from ..generation.options import DressingArgs, DressingOptions, option
 from ..generation.prepare import image_digest
 
@@ -48,7 +48,8 @@ def pasted(params: dict[str, str], n_slots: int) -> dict[str, object]:
 
 
 def _general(params: dict[str, str]) -> dict[str, object]:
-    values: dict[str, object] = {"enabled": True, "model": params[key("model")].split(" [")[0] or TRAINING_FREE}
+    model = params[key("model")].split(" [")[0]
+    values: dict[str, object] = {"enabled": True, "model": TRAINING_FREE if model in TRAINING_FREE_NAMES else model}
     for name in ("strength", "resolution", "fine_pool"):
         number = _float(params.get(key(name)))
         if number is not None:
