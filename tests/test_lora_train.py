@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from lib_anydressing.garment_lora.captions import varied_caption
 from lib_anydressing.garment_lora.kohya_lora import KohyaLoRA
 from lib_anydressing.garment_lora.trainer import (
     GarmentLoRATrainer,
@@ -463,3 +464,36 @@ def test_stop_during_latent_caching_or_caption_encoding_interrupts_before_traini
     assert len(calls) == 1 and unet_calls == []  # 3 images: stopped after the first, before any UNet call
     assert list((tmp_path / "out").iterdir()) == []
     _assert_untouched(model, before)
+
+
+def test_varied_captions_follow_kohyas_rules_on_known_captions():
+    """Dropout drops the whole caption; shuffling keeps the first `keep` tags and permutes the rest; nothing is
+    drawn for an option that is off (a run without them keeps its random stream)."""
+    caption = "zxq, shirt, red, striped, long sleeves"
+    gen = torch.Generator().manual_seed(0)
+    assert varied_caption(caption, gen, dropout=0.0, shuffle=False, keep=1) == caption
+    assert torch.equal(gen.get_state(), torch.Generator().manual_seed(0).get_state())  # no draw
+    seen = [varied_caption(caption, gen, dropout=0.0, shuffle=True, keep=2) for _ in range(200)]
+    assert all(s.split(", ")[:2] == ["zxq", "shirt"] for s in seen)
+    assert all(sorted(s.split(", ")) == sorted(caption.split(", ")) for s in seen)
+    assert len({s for s in seen}) == 6  # the 3! orders of the three free tags all occur
+    again = torch.Generator().manual_seed(0)
+    varied_caption(caption, again, dropout=0.0, shuffle=False, keep=1)
+    assert [varied_caption(caption, again, dropout=0.0, shuffle=True, keep=2) for _ in range(200)] == seen  # seeded
+    dropped = [varied_caption(caption, gen, dropout=0.3, shuffle=False, keep=1) for _ in range(4000)]
+    assert abs(dropped.count("") / 4000 - 0.3) < 0.03 and set(dropped) == {"", caption}
+
+
+def test_training_with_varied_captions_encodes_each_steps_caption(model, dataset, tmp_path, monkeypatch):
+    """With caption dropout 1 every step encodes the empty caption (nothing cached); the settings are part of
+    the run's fingerprint and of the LoRA's metadata."""
+    encoded = []
+    encode = model.encode_text
+    monkeypatch.setattr(model, "encode_text", lambda p: encoded.append(p) or encode(p))
+    result = train_lora(model, _config(dataset, tmp_path / "out", epochs=1, caption_dropout=1.0, shuffle_tags=True))
+    assert result.status == "done" and result.step == 3
+    ids = [e for e in encoded if isinstance(e, torch.Tensor)]
+    assert len(ids) == 3 and all(torch.equal(i, model.tokenize([""])) for i in ids)
+    with safe_open(str(result.output), "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_caption_dropout_rate"], meta["ss_shuffle_caption"], meta["ss_keep_tokens"]) == ("1.0", "True", "1")

@@ -12,6 +12,8 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import torch
+
 from .dataset import dataset_images
 
 
@@ -21,6 +23,19 @@ def split_tags(text: str) -> list[str]:
 
 def join_tags(tags: Iterable[str]) -> str:
     return ", ".join(tags)
+
+
+def varied_caption(caption: str, generator: torch.Generator, *, dropout: float, shuffle: bool, keep: int) -> str:
+    """The caption one training step sees, as kohya's trainers vary it: dropped whole (the empty caption) with
+    probability `dropout`, else its tags after the first `keep` (trigger and class word) in a random order.
+    Draws from `generator` only for what is on, so a run without either draws what it always did."""
+    if dropout and float(torch.rand((), generator=generator)) < dropout:
+        return ""
+    if not shuffle:
+        return caption
+    tags = split_tags(caption)
+    kept, rest = tags[:keep], tags[keep:]
+    return join_tags(kept + [rest[i] for i in torch.randperm(len(rest), generator=generator).tolist()])
 
 
 def template_caption(trigger: str, class_word: str, tags: Iterable[str] = ()) -> str:

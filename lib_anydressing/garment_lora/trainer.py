@@ -36,14 +36,14 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
 from ..files.images import ImageInputError, garment_tensor, tensor_to_image
-from ..files.settings_model import Settings, ValidationError, problems_of
+from ..files.settings_model import Field, Settings, ValidationError, problems_of
 from ..sd.checkpoint import StableDiffusion
 from ..sd.diffusion import diffusion_target, predicted_noise
 from ..sd.sampling import ddim_sample
 from ..sd.training_patches import training_patches
 from ..training.loop import PRECISIONS, RESUME_HELP, LoopSettings, MicroBatch, Progress, StepRecord, Trainer
 from ..training.state import TrainingError
-from .captions import read_captions, ss_tag_frequency
+from .captions import read_captions, ss_tag_frequency, varied_caption
 from .dataset import MIN_SIDE
 from .kohya_lora import KohyaLoRA
 
@@ -67,6 +67,9 @@ RESUME_KEYS = (
     "max_grad_norm",
     "cache_latents",
     "masked_loss",
+    "caption_dropout",
+    "shuffle_tags",
+    "keep_tags",
 )
 
 # Settings by GPU memory, for SD1.5 at 512x512 (the rest of TrainConfig keeps its defaults).
@@ -105,6 +108,9 @@ class TrainConfig(Settings):
     min_snr_gamma: float = 0.0  # 0: off; 5 is the usual value
     noise_offset: float = 0.0
     masked_loss: bool = True  # alpha channel = where the loss counts
+    caption_dropout: float = Field(0.0, ge=0.0, le=1.0)  # share of steps an image is seen with the empty caption
+    shuffle_tags: bool = False  # the caption's tags in a new order each step, after the first keep_tags
+    keep_tags: int = Field(1, ge=0)  # leading tags never shuffled: the trigger word (and class word with 2)
     save_every_epochs: int = 1
     sample_every_epochs: int = 0  # 0: no samples
     sample_prompt: str = ""  # default: the first caption
@@ -319,7 +325,10 @@ class GarmentLoRATrainer(Trainer):
         noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
         target = diffusion_target(latents, noise, abar, model.prediction)
         with self.autocast():
-            if self.contexts is not None:
+            if self.varied_captions:
+                captions = [self._step_caption(self.items[i].caption) for i in batch]
+                context = model.encode_text(model.tokenize(captions))
+            elif self.contexts is not None:
                 context = torch.stack([self.contexts[i] for i in batch]).to(self.device)
             else:
                 context = model.encode_text(self.token_ids[batch])
@@ -327,6 +336,16 @@ class GarmentLoRATrainer(Trainer):
         mask = torch.stack([self.items[i].mask for i in batch]).to(self.device)
         weights = snr_weights(abar.view(-1), config.min_snr_gamma, model.prediction)
         return masked_mse(pred.float(), target, mask if config.masked_loss else None, weights)
+
+    @property
+    def varied_captions(self) -> bool:
+        return bool(self.config.caption_dropout) or self.config.shuffle_tags
+
+    def _step_caption(self, caption: str) -> str:
+        c = self.config
+        return varied_caption(
+            caption, self.generator, dropout=c.caption_dropout, shuffle=c.shuffle_tags, keep=c.keep_tags
+        )
 
     def _epoch_end(self, epoch: int) -> Path | None:
         config = self.config
@@ -388,7 +407,7 @@ class GarmentLoRATrainer(Trainer):
         minutes, and in the WebUI the queue waits on it)."""
         if self.config.cache_latents:
             self.latents = self._cache_latents()
-        if not self.config.train_text_encoder:
+        if not self.config.train_text_encoder and not self.varied_captions:  # varied captions: encoded per step
             self.contexts = self._encode_captions()
         return not self.stop.is_set()
 
@@ -471,6 +490,9 @@ class GarmentLoRATrainer(Trainer):
             "ss_clip_skip": str(model.clip_skip),
             "ss_seed": str(config.seed),
             "ss_masked_loss": str(config.masked_loss),
+            "ss_caption_dropout_rate": str(config.caption_dropout),
+            "ss_shuffle_caption": str(config.shuffle_tags),
+            "ss_keep_tokens": str(config.keep_tags),
             "ss_training_started_at": str(self.started.timestamp()),
             "ss_training_finished_at": str(datetime.now(timezone.utc).timestamp()) if final else "",
             "ss_tag_frequency": ss_tag_frequency(config.dataset_dir),

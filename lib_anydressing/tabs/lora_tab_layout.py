@@ -86,6 +86,9 @@ class TrainSettings:
     noise_offset: gr.Number
     masked: gr.Checkbox
     buckets: gr.Checkbox
+    caption_dropout: gr.Slider
+    shuffle_tags: gr.Checkbox
+    keep_tags: gr.Number
     sample_every: gr.Number
     sample_prompt: gr.Textbox
     resume: gr.Checkbox
@@ -134,7 +137,8 @@ class LoraLayout:
             "epochs": s.epochs, "learning_rate": s.lr, "batch_size": s.batch, "resolution": s.resolution,
             "mixed_precision": s.precision, "gradient_checkpointing": s.checkpointing,
             "train_text_encoder": s.train_text, "min_snr_gamma": s.min_snr, "noise_offset": s.noise_offset,
-            "masked_loss": s.masked, "buckets": s.buckets, "sample_every_epochs": s.sample_every,
+            "masked_loss": s.masked, "buckets": s.buckets, "caption_dropout": s.caption_dropout,
+            "shuffle_tags": s.shuffle_tags, "keep_tags": s.keep_tags, "sample_every_epochs": s.sample_every,
             "sample_prompt": s.sample_prompt, "resume": s.resume, "trigger": d.trigger, "class_word": d.class_word,
         }  # fmt: skip
 
@@ -261,6 +265,12 @@ def _train_settings(cuda: bool) -> TrainSettings:
         masked = gr.Checkbox(True, label="Masked loss (alpha = garment)")
         buckets = gr.Checkbox(False, label="Aspect buckets (for 'keep aspect' datasets)")
     with gr.Row():
+        caption_dropout = gr.Slider(0.0, 0.5, 0.0, step=0.05, label="Caption dropout (share of steps without text)",
+                                    elem_id="anydressing_lora_caption_dropout")  # fmt: skip
+        shuffle_tags = gr.Checkbox(False, label="Shuffle tags each step", elem_id="anydressing_lora_shuffle")
+        keep_tags = gr.Number(1, precision=0, label="Keep the first N tags in place (trigger, class word)",
+                              elem_id="anydressing_lora_keep_tags")  # fmt: skip
+    with gr.Row():
         sample_every = gr.Number(10, precision=0, label="Sample every N epochs (0 = never)")
         sample_prompt = gr.Textbox("", label="Sample prompt (empty: the first caption)")
         resume = gr.Checkbox(True, label="Resume an interrupted run of this name (from its -state folder)")
@@ -279,6 +289,9 @@ def _train_settings(cuda: bool) -> TrainSettings:
         noise_offset,
         masked,
         buckets,
+        caption_dropout,
+        shuffle_tags,
+        keep_tags,
         sample_every,
         sample_prompt,
         resume,
