@@ -497,3 +497,32 @@ def test_training_with_varied_captions_encodes_each_steps_caption(model, dataset
     with safe_open(str(result.output), "pt") as f:
         meta = f.metadata()
     assert (meta["ss_caption_dropout_rate"], meta["ss_shuffle_caption"], meta["ss_keep_tokens"]) == ("1.0", "True", "1")
+
+
+@pytest.mark.parametrize(("repeats", "reg_per_epoch"), [(1, 2), (2, 3)])
+def test_regularisation_images_join_each_epoch_in_proportion(
+    model, dataset, tmp_path, monkeypatch, repeats, reg_per_epoch
+):
+    """3 training images and 2 regularisation images: each epoch has every training image once and as many
+    regularisation images, each at most `reg_repeats` times (2 with repeats 1, 3 of the pool of 4 with 2)."""
+    reg = _dataset(tmp_path / "reg", outside_seed=1)
+    (reg / "002.png").unlink()
+    (reg / "002.txt").unlink()
+    seen: list[list[int]] = []
+    loss = GarmentLoRATrainer.batch_loss
+    monkeypatch.setattr(
+        GarmentLoRATrainer, "batch_loss", lambda self, batch: seen.append(list(batch)) or loss(self, batch)
+    )
+    config = _config(dataset, tmp_path / "out", epochs=2, reg_dir=reg, reg_repeats=repeats)
+    result = train_lora(model, config)
+    per_epoch = 3 + reg_per_epoch
+    assert result.status == "done" and result.step == 2 * per_epoch and len(seen) == 2 * per_epoch
+    for epoch in (seen[:per_epoch], seen[per_epoch:]):
+        indices = [i for batch in epoch for i in batch]
+        assert sorted(i for i in indices if i < 3) == [0, 1, 2]
+        reg_used = [i for i in indices if i >= 3]
+        assert len(reg_used) == reg_per_epoch and max(reg_used.count(i) for i in reg_used) <= repeats
+    with safe_open(str(result.output), "pt") as f:
+        assert (f.metadata()["ss_num_train_images"], f.metadata()["ss_num_reg_images"]) == ("3", "2")
+    with pytest.raises(TrainingError, match="aspect buckets off"):
+        train_lora(model, _config(dataset, tmp_path / "b", reg_dir=reg, buckets=True))

@@ -25,7 +25,7 @@ from ..training.state import TrainingError
 from .trainer import PRESETS, TrainConfig, train_lora
 
 MODEL_KEYS = ("checkpoint", "tokenizer", "prediction", "device", "preset")
-PATH_KEYS = ("checkpoint", "tokenizer", "dataset_dir", "output_dir", "resume")
+PATH_KEYS = ("checkpoint", "tokenizer", "dataset_dir", "output_dir", "reg_dir", "resume")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 

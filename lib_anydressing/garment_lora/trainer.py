@@ -70,6 +70,7 @@ RESUME_KEYS = (
     "caption_dropout",
     "shuffle_tags",
     "keep_tags",
+    "reg_repeats",
 )
 
 # Settings by GPU memory, for SD1.5 at 512x512 (the rest of TrainConfig keeps its defaults).
@@ -111,6 +112,8 @@ class TrainConfig(Settings):
     caption_dropout: float = Field(0.0, ge=0.0, le=1.0)  # share of steps an image is seen with the empty caption
     shuffle_tags: bool = False  # the caption's tags in a new order each step, after the first keep_tags
     keep_tags: int = Field(1, ge=0)  # leading tags never shuffled: the trigger word (and class word with 2)
+    reg_dir: Path | None = None  # regularisation images (other garments of the class) + captions; None: none
+    reg_repeats: int = Field(1, ge=1)  # how often each regularisation image may appear before the pool repeats
     save_every_epochs: int = 1
     sample_every_epochs: int = 0  # 0: no samples
     sample_prompt: str = ""  # default: the first caption
@@ -183,7 +186,8 @@ def train_lora(
         raise TrainingError(f"'{output}' exists: choose another name or allow overwriting")
     if state_path.exists() and not resuming and not config.overwrite:
         raise TrainingError(f"a previous run's state '{state_path.name}' exists: resume it or allow overwriting")
-    items, skipped = _load_dataset(config)
+    items, skipped = _load_dataset(config.dataset_dir, config)
+    reg_items, reg_skipped = _load_dataset(config.reg_dir, config) if config.reg_dir else ([], [])
     config.output_dir.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):  # the LoRA's init is seeded without moving the user's RNG
         torch.manual_seed(config.seed)
@@ -195,7 +199,8 @@ def train_lora(
     ):
         try:
             lora.install()
-            trainer = GarmentLoRATrainer(model, config, name, lora, items, skipped, on_progress, stop, progress_bar)
+            data = items + reg_items, skipped + [f"regularisation {line}" for line in reg_skipped], len(reg_items)
+            trainer = GarmentLoRATrainer(model, config, name, lora, data, on_progress, stop, progress_bar)
             if resuming:
                 trainer.resume(str(state_path))
             return trainer.train()
@@ -236,10 +241,15 @@ class LoRALoss(nn.Module):
 
 
 class GarmentLoRATrainer(Trainer):
-    def __init__(self, model, config, name, lora, items, skipped, on_progress, stop, progress_bar=False) -> None:
-        self.sd, self.config, self.name, self.lora, self.items = model, config, name, lora, items
-        self.skipped = skipped
-        self.batches = _batches_per_epoch(items, config.batch_size)
+    def __init__(self, model, config, name, lora, data, on_progress, stop, progress_bar=False) -> None:
+        """`data`: (the training images followed by the regularisation images, the files skipped, how many of the
+        images are regularisation images)."""
+        self.sd, self.config, self.name, self.lora = model, config, name, lora
+        self.items, self.skipped, self.n_reg = data
+        self.n_train = len(self.items) - self.n_reg
+        self.batches = math.ceil((self.n_train + self.reg_per_epoch) / config.batch_size) if self.n_reg else (
+            _batches_per_epoch(self.items, config.batch_size)
+        )  # fmt: skip
         settings = LoopSettings(
             steps=0,
             accumulation=config.grad_accumulation,
@@ -265,7 +275,7 @@ class GarmentLoRATrainer(Trainer):
         self.started = datetime.now(timezone.utc)
         self.latents: list[Tensor] | None = None  # cached by _prepare, with the contexts
         self.contexts: list[Tensor] | None = None
-        self.token_ids = model.tokenize([item.caption for item in items])
+        self.token_ids = model.tokenize([item.caption for item in self.items])
 
     # --- the loop ---------------------------------------------------------------------------------------
 
@@ -381,7 +391,8 @@ class GarmentLoRATrainer(Trainer):
         config = self.config
         values = {k: getattr(config, k) for k in RESUME_KEYS}
         values["text_encoder_lr"] = config.text_encoder_lr if config.train_text_encoder else None
-        return {**values, "optimizer": self.optimizer_name, "images": len(self.items)}
+        values["reg_dir"] = str(config.reg_dir or "")
+        return {**values, "optimizer": self.optimizer_name, "images": self.n_train, "reg_images": self.n_reg}
 
     # --- data -----------------------------------------------------------------------------------------------
 
@@ -390,8 +401,8 @@ class GarmentLoRATrainer(Trainer):
         so a resumed run rebuilds the same order."""
         gen = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
         groups: dict[tuple[int, int], list[int]] = {}
-        for i, item in enumerate(self.items):
-            groups.setdefault(tuple(item.pixels.shape[1:]), []).append(i)
+        for i in [*range(self.n_train), *self._epoch_reg(gen)]:
+            groups.setdefault(tuple(self.items[i].pixels.shape[1:]), []).append(i)
         batches = []
         for members in groups.values():
             shuffled = [members[j] for j in torch.randperm(len(members), generator=gen).tolist()]
@@ -401,6 +412,18 @@ class GarmentLoRATrainer(Trainer):
         per_process = math.ceil(len(batches) / self.world)
         padded = (batches * self.world)[: per_process * self.world]  # equal shares: every process steps alike
         return padded[self.rank :: self.world]
+
+    @property
+    def reg_per_epoch(self) -> int:
+        """Regularisation images per epoch: as many as training images, at most each one `reg_repeats` times."""
+        return min(self.n_train, self.n_reg * self.config.reg_repeats)
+
+    def _epoch_reg(self, gen: torch.Generator) -> list[int]:
+        """This epoch's regularisation images: drawn without replacement from the folder repeated reg_repeats times."""
+        if not self.n_reg:
+            return []
+        pool = [self.n_train + i for i in range(self.n_reg)] * self.config.reg_repeats
+        return [pool[j] for j in torch.randperm(len(pool), generator=gen)[: self.reg_per_epoch].tolist()]
 
     def _prepare(self) -> bool:
         """Cache the latents and caption contexts the run reuses; False when stopped meanwhile (this can take
@@ -466,7 +489,8 @@ class GarmentLoRATrainer(Trainer):
             "ss_v2": "False",
             "ss_resolution": f"({side}, {side})",
             "ss_enable_bucket": str(config.buckets),
-            "ss_num_train_images": str(len(self.items)),
+            "ss_num_train_images": str(self.n_train),
+            "ss_num_reg_images": str(self.n_reg),
             "ss_num_batches_per_epoch": str(self.batches),
             "ss_num_epochs": str(math.ceil(self.total / self.steps_per_epoch)),
             "ss_epoch": str(epoch),
@@ -538,6 +562,8 @@ def _check_settings(config: TrainConfig, model: StableDiffusion) -> None:
     dtype = next(model.unet.parameters()).dtype
     if dtype != torch.float32 and config.mixed_precision == "fp32":
         problems.append(f"the model is in {dtype}: choose fp16 or bf16 mixed precision")
+    if config.reg_dir and config.buckets:
+        problems.append("regularisation images need square training: turn aspect buckets off")
     if config.resolution % 64 or config.resolution < 64:
         problems.append("resolution must be a multiple of 64")
     for key in ("rank", "epochs", "batch_size", "grad_accumulation"):
@@ -577,12 +603,12 @@ def bucket_size(width: int, height: int, resolution: int) -> tuple[int, int]:
     return side(width), side(height)
 
 
-def _load_dataset(config: TrainConfig) -> tuple[list[_Item], list[str]]:
+def _load_dataset(folder: Path, config: TrainConfig) -> tuple[list[_Item], list[str]]:
     """Every image with its caption; unusable files are listed with the reason, not fatal unless none is left."""
-    if not config.dataset_dir.is_dir():
-        raise TrainingError(f"the dataset folder '{config.dataset_dir}' does not exist")
+    if not folder.is_dir():
+        raise TrainingError(f"the dataset folder '{folder}' does not exist")
     items, skipped = [], []
-    for path, caption in read_captions(config.dataset_dir).items():
+    for path, caption in read_captions(folder).items():
         try:
             with Image.open(path) as image:
                 if min(image.size) < MIN_SIDE:
@@ -604,5 +630,5 @@ def _load_dataset(config: TrainConfig) -> tuple[list[_Item], list[str]]:
         items.append(_Item(pixels, latent_mask, caption))
     if not items:
         detail = f" ({'; '.join(skipped)})" if skipped else ""
-        raise TrainingError(f"'{config.dataset_dir}' has no usable images{detail}")
+        raise TrainingError(f"'{folder}' has no usable images{detail}")
     return items, skipped

@@ -243,7 +243,8 @@ def run_training(job: TrainingJob, host: TrainingHost, settings: dict[str, Any])
     trigger, class_word = s.pop("trigger"), s.pop("class_word")
     checkpoint, tokenizer, folder = s.pop("checkpoint"), s.pop("tokenizer"), s.pop("out_dir")
     out_dir = host.lora_dir() if host.uses_loaded_model else Path(folder.strip())
-    for key in ("rank", "epochs", "batch_size", "resolution", "sample_every_epochs", "keep_tags"):
+    s["reg_dir"] = Path(s["reg_dir"].strip()) if (s.get("reg_dir") or "").strip() else None
+    for key in ("rank", "epochs", "batch_size", "resolution", "sample_every_epochs", "keep_tags", "reg_repeats"):
         s[key] = int(s[key] or 0)
     for key in ("alpha", "learning_rate", "min_snr_gamma", "noise_offset", "caption_dropout"):
         s[key] = float(s[key] or 0)

@@ -89,6 +89,8 @@ class TrainSettings:
     caption_dropout: gr.Slider
     shuffle_tags: gr.Checkbox
     keep_tags: gr.Number
+    reg_dir: gr.Textbox
+    reg_repeats: gr.Number
     sample_every: gr.Number
     sample_prompt: gr.Textbox
     resume: gr.Checkbox
@@ -138,7 +140,8 @@ class LoraLayout:
             "mixed_precision": s.precision, "gradient_checkpointing": s.checkpointing,
             "train_text_encoder": s.train_text, "min_snr_gamma": s.min_snr, "noise_offset": s.noise_offset,
             "masked_loss": s.masked, "buckets": s.buckets, "caption_dropout": s.caption_dropout,
-            "shuffle_tags": s.shuffle_tags, "keep_tags": s.keep_tags, "sample_every_epochs": s.sample_every,
+            "shuffle_tags": s.shuffle_tags, "keep_tags": s.keep_tags, "reg_dir": s.reg_dir,
+            "reg_repeats": s.reg_repeats, "sample_every_epochs": s.sample_every,
             "sample_prompt": s.sample_prompt, "resume": s.resume, "trigger": d.trigger, "class_word": d.class_word,
         }  # fmt: skip
 
@@ -271,6 +274,10 @@ def _train_settings(cuda: bool) -> TrainSettings:
         keep_tags = gr.Number(1, precision=0, label="Keep the first N tags in place (trigger, class word)",
                               elem_id="anydressing_lora_keep_tags")  # fmt: skip
     with gr.Row():
+        reg_dir = gr.Textbox("", label="Regularisation images folder (optional: other garments of the class, "
+                             "with captions)", elem_id="anydressing_lora_reg_dir")  # fmt: skip
+        reg_repeats = gr.Number(1, precision=0, label="Regularisation repeats", elem_id="anydressing_lora_reg_repeats")
+    with gr.Row():
         sample_every = gr.Number(10, precision=0, label="Sample every N epochs (0 = never)")
         sample_prompt = gr.Textbox("", label="Sample prompt (empty: the first caption)")
         resume = gr.Checkbox(True, label="Resume an interrupted run of this name (from its -state folder)")
@@ -292,6 +299,8 @@ def _train_settings(cuda: bool) -> TrainSettings:
         caption_dropout,
         shuffle_tags,
         keep_tags,
+        reg_dir,
+        reg_repeats,
         sample_every,
         sample_prompt,
         resume,
