@@ -67,6 +67,7 @@ def _settings(dataset: Path, out: Path, **changes) -> dict:
         "mixed_precision": "fp32", "gradient_checkpointing": False, "train_text_encoder": False,
         "min_snr_gamma": 5.0, "noise_offset": 0.0, "masked_loss": True, "buckets": False, "sample_every_epochs": 2,
         "caption_dropout": 0.0, "shuffle_tags": False, "keep_tags": 1, "reg_dir": "", "reg_repeats": 1,
+        "tensorboard": False,
         "sample_prompt": "", "resume": True, "trigger": "zxq", "class_word": "shirt",
     }  # fmt: skip
     return {**values, **changes}

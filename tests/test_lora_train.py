@@ -7,6 +7,7 @@ copy of the weights (how the WebUI's Lora extension applies it), the masked loss
 from __future__ import annotations
 
 import copy
+import importlib.util
 import threading
 
 import numpy as np
@@ -526,3 +527,24 @@ def test_regularisation_images_join_each_epoch_in_proportion(
         assert (f.metadata()["ss_num_train_images"], f.metadata()["ss_num_reg_images"]) == ("3", "2")
     with pytest.raises(TrainingError, match="aspect buckets off"):
         train_lora(model, _config(dataset, tmp_path / "b", reg_dir=reg, buckets=True))
+
+
+def test_tensorboard_log_holds_each_steps_loss_and_refuses_to_start_without_the_package(
+    model, dataset, tmp_path, monkeypatch
+):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = train_lora(model, _config(dataset, tmp_path / "out", epochs=1, tensorboard=True))
+    events = EventAccumulator(str(tmp_path / "out" / "garment-tensorboard"))
+    events.Reload()
+    logged = events.Scalars("loss")
+    assert [e.step for e in logged] == [1, 2, 3]
+    assert [e.value for e in logged] == pytest.approx(result.losses, rel=1e-6)  # float32 in the event file
+    assert [e.value for e in events.Scalars("lr")] == pytest.approx([3e-3] * 3)
+    before = _snapshot(model)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(TrainingError, match="pip install tensorboard"):
+        train_lora(model, _config(dataset, tmp_path / "again", tensorboard=True))
+    _assert_untouched(model, before)

@@ -53,6 +53,7 @@ class TrainConfig(Settings):
     save_every: int = 1000
     keep_checkpoints: int = 0  # 0: keep all periodic model files
     log_every: int = 10
+    tensorboard: bool = False  # also a TensorBoard event log under output_dir/tensorboard (needs the package)
     sample_every: int = 0  # 0: no sample grids
     sample_steps: int = 20
     resume: str = "latest"  # latest: output_dir/state when present; no: start afresh; or a state folder

@@ -118,6 +118,7 @@ class AnyDressingTrainer(Trainer):
             seed=cfg.seed,
             device=cfg.device,
             devices=cfg.devices,
+            log_dir=str(Path(cfg.output_dir) / "tensorboard") if cfg.tensorboard else "",
         )
         super().__init__(settings, Path(cfg.output_dir) / STATE_DIR, progress_bar=progress_bar)
         torch.manual_seed(cfg.seed)  # LoRA initialisation

@@ -114,6 +114,7 @@ class TrainConfig(Settings):
     keep_tags: int = Field(1, ge=0)  # leading tags never shuffled: the trigger word (and class word with 2)
     reg_dir: Path | None = None  # regularisation images (other garments of the class) + captions; None: none
     reg_repeats: int = Field(1, ge=1)  # how often each regularisation image may appear before the pool repeats
+    tensorboard: bool = False  # also a TensorBoard event log in <output_dir>/<name>-tensorboard (needs the package)
     save_every_epochs: int = 1
     sample_every_epochs: int = 0  # 0: no samples
     sample_prompt: str = ""  # default: the first caption
@@ -259,6 +260,7 @@ class GarmentLoRATrainer(Trainer):
             seed=config.seed,
             device=str(model.device),
             devices=config.devices,
+            log_dir=str(config.output_dir / f"{name}-tensorboard") if config.tensorboard else "",
         )
         super().__init__(settings, run_files(config)[1], stop=stop, on_progress=on_progress, progress_bar=progress_bar)
         per_process = math.ceil(self.batches / self.world)

@@ -91,6 +91,7 @@ class TrainSettings:
     keep_tags: gr.Number
     reg_dir: gr.Textbox
     reg_repeats: gr.Number
+    tensorboard: gr.Checkbox
     sample_every: gr.Number
     sample_prompt: gr.Textbox
     resume: gr.Checkbox
@@ -141,7 +142,7 @@ class LoraLayout:
             "train_text_encoder": s.train_text, "min_snr_gamma": s.min_snr, "noise_offset": s.noise_offset,
             "masked_loss": s.masked, "buckets": s.buckets, "caption_dropout": s.caption_dropout,
             "shuffle_tags": s.shuffle_tags, "keep_tags": s.keep_tags, "reg_dir": s.reg_dir,
-            "reg_repeats": s.reg_repeats, "sample_every_epochs": s.sample_every,
+            "reg_repeats": s.reg_repeats, "tensorboard": s.tensorboard, "sample_every_epochs": s.sample_every,
             "sample_prompt": s.sample_prompt, "resume": s.resume, "trigger": d.trigger, "class_word": d.class_word,
         }  # fmt: skip
 
@@ -277,6 +278,8 @@ def _train_settings(cuda: bool) -> TrainSettings:
         reg_dir = gr.Textbox("", label="Regularisation images folder (optional: other garments of the class, "
                              "with captions)", elem_id="anydressing_lora_reg_dir")  # fmt: skip
         reg_repeats = gr.Number(1, precision=0, label="Regularisation repeats", elem_id="anydressing_lora_reg_repeats")
+        tensorboard = gr.Checkbox(False, label="TensorBoard log (<name>-tensorboard; needs the tensorboard package)",
+                                  elem_id="anydressing_lora_tensorboard")  # fmt: skip
     with gr.Row():
         sample_every = gr.Number(10, precision=0, label="Sample every N epochs (0 = never)")
         sample_prompt = gr.Textbox("", label="Sample prompt (empty: the first caption)")
@@ -301,6 +304,7 @@ def _train_settings(cuda: bool) -> TrainSettings:
         keep_tags,
         reg_dir,
         reg_repeats,
+        tensorboard,
         sample_every,
         sample_prompt,
         resume,

@@ -15,6 +15,7 @@ gradient sync through a zero-weighted term on one weight.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import threading
 import time
@@ -48,6 +49,7 @@ class LoopSettings:
     seed: int = 0
     device: str = ""  # "cpu", "cuda", "cuda:1"; empty: CUDA when available
     devices: int = 1  # processes on this machine; a launcher's LOCAL_WORLD_SIZE / WORLD_SIZE wins
+    log_dir: str = ""  # a TensorBoard event log of the losses and learning rate here; empty: none
 
 
 @dataclass
@@ -125,6 +127,7 @@ class Trainer(ABC):
         self.resumed_with_fresh_scaler = False  # a state without fp16 loss scale resumed in fp16
         self.message = ""  # why `fit` stopped, for the user
         self.scope: ExitStack | None = None  # contexts a loss keeps open through its backward pass
+        self.events = _event_log(settings.log_dir) if self.rank == 0 else None
 
     @property
     def amp_dtype(self) -> torch.dtype | None:
@@ -194,6 +197,8 @@ class Trainer(ABC):
         finally:
             if bar is not None:
                 bar.close()
+            if self.events is not None:
+                self.events.flush()
         return "done"
 
     def _micro_step(self, batch: MicroBatch) -> tuple[float | None, dict[str, float]]:
@@ -250,6 +255,11 @@ class Trainer(ABC):
         return tqdm(total=self.settings.steps, initial=self.step, unit="step", dynamic_ncols=True)
 
     def _report(self, record: StepRecord, per_step: float, sample: Path | None, bar) -> None:
+        if self.events is not None:
+            self.events.add_scalar("loss", record.loss, record.step)
+            for key, value in record.terms.items():
+                self.events.add_scalar(f"terms/{key}", value / record.micro_batches, record.step)
+            self.events.add_scalar("lr", self.optimizer.param_groups[0]["lr"], record.step)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{record.loss:.4g}")
@@ -326,6 +336,19 @@ class Trainer(ABC):
             self.last_checkpoint = Path(state["last_checkpoint"])
         self.resumed_with_fresh_scaler = fresh_scaler
         return True
+
+
+def _event_log(folder: str):
+    """torch's TensorBoard writer when a log is asked for; TrainingError when the package is missing (before
+    anything starts), since a run the user expects to follow there should not go unrecorded."""
+    if not folder:
+        return None
+    if importlib.util.find_spec("tensorboard") is None:
+        raise TrainingError("a TensorBoard log was asked for but the tensorboard package is not installed: "
+                            "pip install tensorboard, or turn the log off")  # fmt: skip
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(folder)
 
 
 def _fabric(settings: LoopSettings) -> tuple[Any, str, torch.cuda.amp.GradScaler]:
