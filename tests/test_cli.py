@@ -43,6 +43,16 @@ def test_bench_reports_every_figure(capsys):
     assert result["device"] == "cpu" and result["dtype"] == "float32"
 
 
+def test_bench_on_sdxls_topology_sizes_its_features(capsys):
+    """SDXL dresses only the 1/2 and 1/4 grids: an 8x8 garment latent gives 10 layers of 4x4 tokens 64 wide
+    and 60 of 2x2 tokens 128 wide at --model-channels 32, for each of 2 garments, 4 bytes each."""
+    args = ["bench", "--arch", "sdxl", "--json", "--model-channels", "32", "--repeats", "1", "--latent", "16", "8"]
+    assert main([*args, "--garment-latent", "8", "8"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["arch"] == "sdxl" and result["step_ratio"] > 0 and result["extract_ratio"] > 0
+    assert result["features_mb"] == round(2 * 4 * (10 * 16 * 64 + 60 * 4 * 128) / 2**20, 2)
+
+
 @pytest.mark.slow  # two UNets, a VAE and several sampling loops
 def test_whole_bench_dresses_with_the_webui_defaults(capsys):
     args = ["bench", "--whole", "--json", "--model-channels", "32", "--vae-channels", "32", "--repeats", "1"]

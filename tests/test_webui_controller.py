@@ -247,7 +247,9 @@ def test_feature_cache_skips_garments_net_on_regeneration(setup):
     assert len(calls) == 1 and not first.from_cache
     start(controller, FakeP(p.sd_model), _opts())
     assert len(calls) == 1 and controller.session.prepared.from_cache
-    assert controller.session.prepared.features is first.features
+    again = controller.session.prepared.features.per_layer
+    assert again.keys() == first.features.per_layer.keys()
+    assert all(torch.equal(again[k], first.features.per_layer[k]) for k in again)
     controller.finish(unet)
     changed = _garments()
     changed[1]["image"] = Image.new("RGB", (40, 40), (20, 220, 20))

@@ -1,10 +1,10 @@
 """`python -m lib_anydressing bench`: the cost of dressing, as ratios against the plain UNet in the same run.
 
-Default: one UNet call of an SD1.5-shaped UNet with random weights, N=2 garments on the canvas the
-WebUI's defaults give them (token budget, fine-layer pooling), a latent in the proportions of a
+Default: one UNet call of an SD1.5-shaped UNet (`--arch sdxl`: SDXL's) with random weights, N=2 garments on
+the canvas the WebUI's defaults give them (token budget, fine-layer pooling), a latent in the proportions of a
 512x768 (width x height) image scaled down to finish in about a minute on 2 CPU cores; pass
---latent 96 64 for the real size. `--whole` times whole generations as the WebUI runs them instead
-(bench_whole.py).
+--latent 96 64 for the real size (SDXL at 832x1216: --latent 152 104). `--whole` times whole generations as
+the WebUI runs them instead (bench_whole.py).
 """
 
 from __future__ import annotations
@@ -22,16 +22,18 @@ from ..engine.token_pool import POOL_CHOICES
 from ..files.bench_output import print_result
 from ..generation.options import from_values
 from ..generation.prepare import garment_canvas
-from ..sd.architectures import SD15_UNET
+from ..sd.architectures import SD15_UNET, SDXL_UNET
 from ..sd.attention import sdp_attention
 from ..sd.random_models import build_unet
 from .bench_whole import run_whole_bench
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+ARCHITECTURES = {"sd15": SD15_UNET, "sdxl": SDXL_UNET}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--whole", action="store_true", help="whole generations: sampling loop, CFG, cold and warm")
+    parser.add_argument("--arch", choices=list(ARCHITECTURES), default="sd15", help="UNet topology (not --whole)")
     parser.add_argument("--n-garments", type=int, nargs="+", default=None, help="default: 2; --whole: 1 2 4")
     parser.add_argument("--latent", type=int, nargs=2, default=(48, 32), metavar=("H", "W"))
     parser.add_argument(
@@ -40,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: float16 on CUDA, else float32")
     parser.add_argument("--repeats", type=int, default=None, help="timed rounds (minimum kept); default 3, --whole 1")
-    parser.add_argument("--model-channels", type=int, default=320, help="UNet width (320 = SD1.5)")
+    parser.add_argument("--model-channels", type=int, default=320, help="UNet width (320 = SD1.5 and SDXL)")
     parser.add_argument("--resolution", type=int, default=0, help="garment canvas long side; 0: the token budget")
     parser.add_argument("--detail", type=float, default=1.0, help="the token budget's factor")
     parser.add_argument("--fine-pool", type=int, default=2, choices=POOL_CHOICES, help="s x s pooling, finest layers")
@@ -54,6 +56,8 @@ def main(args: argparse.Namespace) -> int:
     dtype = args.dtype or ("float16" if str(args.device).startswith("cuda") else "float32")
     options = {"resolution": args.resolution, "detail": args.detail, "fine_pool": args.fine_pool}
     if args.whole:
+        if args.arch != "sd15":
+            raise SystemExit("--whole times SD1.5-shaped generations only")
         result = run_whole_bench(
             n_garments=tuple(args.n_garments or (1, 2, 4)),
             latent_hw=tuple(args.latent),
@@ -81,6 +85,7 @@ def main(args: argparse.Namespace) -> int:
         repeats=args.repeats or 3,
         model_channels=args.model_channels,
         fine_pool=args.fine_pool,
+        arch=args.arch,
     )
     print_result(result, args.json)
     return 0
@@ -96,10 +101,12 @@ def run_bench(
     repeats: int = 3,
     model_channels: int = 320,
     fine_pool: int = 2,
+    arch: str = "sd15",
 ) -> dict:
     dev = torch.device(device)
     cuda = dev.type == "cuda"
-    unet = build_unet(SD15_UNET, model_channels=model_channels).to(dev)
+    config = ARCHITECTURES[arch]
+    unet = build_unet(config, model_channels=model_channels).to(dev)
     sdp_attention(unet)  # the WebUI's attention, not ldm's slower einsum
     if cuda and dtype != torch.float32:
         unet = unet.to(dtype)  # half weights under autocast, as A1111 runs on CUDA
@@ -107,7 +114,8 @@ def run_bench(
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, *latent_hw, generator=gen).to(dev)  # rows: [conditional, unconditional]
     t = torch.full((2,), 500.0, device=dev)
-    context = torch.randn(2, 77, SD15_UNET["context_dim"], generator=gen).to(dev)
+    context = torch.randn(2, 77, config["context_dim"], generator=gen).to(dev)
+    pooled = {"y": torch.randn(2, config["adm_in_channels"], generator=gen).to(dev)} if arch == "sdxl" else {}
     garments = torch.randn(n_garments, 4, *garment_latent_hw, generator=gen).to(dev)
     dims = {layer.name: (layer.dim, layer.inner_dim) for layer in self_attention_layers(unet)}
     lora = GarmentLoRA(dims, n_slots=max(n_garments, 2), rank=16, alpha=16).to(dev).requires_grad_(False)
@@ -115,7 +123,7 @@ def run_bench(
     gnet = GarmentsNet(unet, shared=True, lora=lora)
 
     def step() -> None:
-        unet(x, t, context=context)
+        unet(x, t, context=context, **pooled)
 
     with torch.no_grad(), autocast:
         features = gnet.extract(garments, dtype=dtype if cuda else None)
@@ -148,6 +156,8 @@ def run_bench(
             "garment_latent_hw": list(garment_latent_hw),
             "fine_pool": fine_pool,
             "model_channels": model_channels,
+            "arch": arch,
+            "features_mb": round(features.nbytes / 2**20, 2),
             "device": str(dev),
             "dtype": str(dtype).replace("torch.", ""),
         }

@@ -38,6 +38,16 @@ class GarmentFeatures:
     n_garments: int
     latent_hw: tuple[int, int] | None = None
 
+    @property
+    def nbytes(self) -> int:
+        """Memory the features take (SDXL, 2 garments on 1024x1024 canvases, fp16: 400 MiB; README)."""
+        return sum(f.nbytes for f in self.per_layer.values())
+
+    def to(self, device: torch.device | str) -> GarmentFeatures:
+        """The same features on `device` (no copy where they already are)."""
+        per_layer = {name: f.to(device) for name, f in self.per_layer.items()}
+        return GarmentFeatures(per_layer, self.n_garments, self.latent_hw)
+
 
 class _StopExtraction(Exception):
     """Raised after the last tapped layer: the rest of the UNet is not needed."""

@@ -142,7 +142,11 @@ def image_digest(image: Image.Image) -> str:
 
 
 class FeatureCache:
-    """A few recent garment feature sets, so re-generating with the same garments skips GarmentsNet."""
+    """A few recent garment feature sets, so re-generating with the same garments skips GarmentsNet.
+
+    The session stores them on the CPU: an SDXL set is hundreds of MB (GarmentFeatures.nbytes), which a
+    12 GB card should not hold while idle; copying it back costs milliseconds per generation.
+    """
 
     def __init__(self, max_entries: int = 2) -> None:
         self.max_entries = max_entries

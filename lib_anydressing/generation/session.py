@@ -83,8 +83,9 @@ class DressingSession:
         latent_hw = (target_wh[1] // 8, target_wh[0] // 8)
         regions = region_masks(slots, latent_hw)
         notes = region_notes(slots, regions, latent_hw)  # before extraction: it may refuse a region
-        features = cache.get(key)
-        from_cache = features is not None
+        cached = cache.get(key)
+        from_cache = cached is not None
+        features = cached.to(device) if cached is not None else None
         if features is None:
             images = [s.masked_image() for s in slots]
             context, note = garment_context(self.model, images, host.empty_prompt, image_encoder_dir)
@@ -102,7 +103,7 @@ class DressingSession:
             finally:
                 if host.offload_garments_net and not garments_net.shared:
                     garments_net.to("cpu")
-            cache.put(key, features)
+            cache.put(key, features.to("cpu"))  # kept in RAM: no VRAM held between generations
         self.prepared = PreparedGarments(features, regions, [s.weight for s in slots], from_cache, notes)
         return self.prepared
 

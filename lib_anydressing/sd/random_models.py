@@ -1,4 +1,4 @@
-"""Builds ldm UNets of the SD1.5 topology (the real class the WebUI runs) for the bench, demo and tests.
+"""Builds ldm UNets (the real class A1111 runs) of the SD1.5 or SDXL topology for the bench, demo and tests.
 
 Weights are re-initialised: a fresh ldm UNet zero-initialises its output convolutions and would
 output exactly zero, which would hide every difference a test or benchmark looks for.
@@ -6,6 +6,7 @@ output exactly zero, which would hide every difference a test or benchmark looks
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -18,12 +19,60 @@ from .tokenizer import tiny_clip_tokenizer
 
 def build_unet(config: dict[str, Any] = SD15_UNET, *, seed: int = 0, **overrides: Any) -> nn.Module:
     """An ldm UNetModel with seeded random weights (no zero-initialised layer left)."""
-    from ldm.modules.diffusionmodules.openaimodel import UNetModel
-
     torch.manual_seed(seed)
-    unet = UNetModel(**{**config, **overrides})
+    unet = unet_structure({**config, **overrides})
     reinitialise(unet, seed=seed)
     return unet.eval().requires_grad_(False)
+
+
+def unet_structure(config: dict[str, Any]) -> nn.Module:
+    """ldm's UNetModel at `config`, weights as ldm initialises them (build it under torch.device("meta") to
+    size a full model without its memory).
+
+    SDXL's two differences from what ldm's constructor takes are applied to the built model: a transformer
+    depth per level (built at the deepest, then each SpatialTransformer keeps its level's first blocks; the
+    middle block the last level's), and `adm_in_channels`, the pooled input as sgm's "sequential" label_emb.
+    """
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+    from ldm.modules.diffusionmodules.util import linear
+
+    config = dict(config)
+    depths = config.pop("transformer_depth", 1)
+    adm_in_channels = config.pop("adm_in_channels", None)
+    per_level = list(depths) if isinstance(depths, list | tuple) else None
+    if adm_in_channels is not None:
+        config["num_classes"] = "continuous"  # sets num_classes (forward then requires y); replaced below
+    if per_level:  # ldm's SpatialTransformer takes one context width per block
+        depths = max(per_level)
+        config["context_dim"] = [config["context_dim"]] * depths
+    unet = UNetModel(**config, transformer_depth=depths)
+    if per_level:
+        width_depth = {config["model_channels"] * m: d for m, d in zip(config["channel_mult"], per_level, strict=True)}
+        for name, module in unet.named_modules():
+            if hasattr(module, "transformer_blocks"):
+                depth = per_level[-1] if name.startswith("middle_block") else width_depth[module.in_channels]
+                module.transformer_blocks = nn.ModuleList(list(module.transformer_blocks)[:depth])
+                module.__class__ = _sgm_spatial_transformer()
+    if adm_in_channels is not None:
+        emb = unet.time_embed[0].out_features
+        unet.label_emb = nn.Sequential(nn.Sequential(linear(adm_in_channels, emb), nn.SiLU(), linear(emb, emb)))
+    return unet
+
+
+@functools.cache
+def _sgm_spatial_transformer() -> type[nn.Module]:
+    """ldm's SpatialTransformer wants one context per block; sgm's (generative-models 45c443b3,
+    sgm/modules/attention.py) gives a single context to every block, which deeper-than-one SDXL levels need."""
+    from ldm.modules.attention import SpatialTransformer
+
+    class SgmSpatialTransformer(SpatialTransformer):
+        def forward(self, x: torch.Tensor, context: Any = None) -> torch.Tensor:
+            contexts = context if isinstance(context, list) else [context]
+            if len(contexts) == 1:
+                contexts = contexts * len(self.transformer_blocks)
+            return super().forward(x, context=contexts)
+
+    return SgmSpatialTransformer
 
 
 def reinitialise(module: nn.Module, *, seed: int = 0, std: float = 0.02) -> None:
