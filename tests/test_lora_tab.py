@@ -5,6 +5,7 @@ WebUI loan's snapshot that gives the user's model back exactly."""
 from __future__ import annotations
 
 import json
+import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,7 +64,7 @@ def _settings(dataset: Path, out: Path, **changes) -> dict:
     values = {
         "dataset_dir": str(dataset), "name": "tiny_shirt", "overwrite": False, "out_dir": str(out), "checkpoint": "",
         "tokenizer": "",
-        "rank": 4, "alpha": 4, "epochs": 2, "learning_rate": 1e-3, "batch_size": 1, "resolution": 64,
+        "rank": 4, "alpha": 4, "network": "lora", "epochs": 2, "learning_rate": 1e-3, "batch_size": 1, "resolution": 64,
         "mixed_precision": "fp32", "gradient_checkpointing": False, "train_text_encoder": False,
         "min_snr_gamma": 5.0, "noise_offset": 0.0, "masked_loss": True, "buckets": False, "sample_every_epochs": 2,
         "caption_dropout": 0.0, "shuffle_tags": False, "keep_tags": 1, "reg_dir": "", "reg_repeats": 1,
@@ -137,6 +138,12 @@ def test_bad_settings_are_refused_before_the_model_is_lent(tmp_path, dataset):
     assert host.loans == 0
     message = _run(job, host, _settings(tmp_path / "nowhere", tmp_path / "Lora"))
     assert "does not exist" in message
+    loans = host.loans
+    with pytest.MonkeyPatch.context() as m:
+        m.setitem(sys.modules, "lycoris.modules.loha", None)  # lycoris-lora absent
+        message = _run(job, host, _settings(dataset, tmp_path / "Lora", network="loha"))
+    assert "network type 'loha' needs the lycoris-lora package (pip install lycoris-lora" in message
+    assert host.loans == loans
     assert not (tmp_path / "Lora").exists() or not any((tmp_path / "Lora").iterdir())
 
 

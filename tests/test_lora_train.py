@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import sys
 import threading
 
 import numpy as np
@@ -548,3 +549,26 @@ def test_tensorboard_log_holds_each_steps_loss_and_refuses_to_start_without_the_
     with pytest.raises(TrainingError, match="pip install tensorboard"):
         train_lora(model, _config(dataset, tmp_path / "again", tensorboard=True))
     _assert_untouched(model, before)
+
+
+def test_a_loha_trains_and_leaves_the_model_as_found(model, dataset, tmp_path):
+    """LoHa through lycoris-lora: the loss falls (here 2.06 -> 1.20), the file holds LoHa's tensors and says
+    so in its metadata."""
+    before = _snapshot(model)
+    config = _config(dataset, tmp_path / "out", network="loha", epochs=10, batch_size=3, learning_rate=1e-2)
+    result = train_lora(model, config)
+    assert result.status == "done"
+    assert result.losses[-1] < 0.7 * result.losses[0], result.losses
+    _assert_untouched(model, before)
+    keys = load_file(str(result.output)).keys()
+    assert any(k.endswith(".hada_w1_a") for k in keys) and not any(k.endswith(".lora_down.weight") for k in keys)
+    with safe_open(str(result.output), framework="pt") as f:
+        assert f.metadata()["ss_network_module"] == "lycoris.kohya"
+
+
+@pytest.mark.parametrize("network", ["locon", "loha", "lokr"])
+def test_a_lycoris_network_without_the_package_starts_nothing(dataset, tmp_path, monkeypatch, network):
+    monkeypatch.setitem(sys.modules, f"lycoris.modules.{network}", None)  # an import of it now fails
+    with pytest.raises(TrainingError, match=f"network: network type '{network}' needs the lycoris-lora package"):
+        _config(dataset, tmp_path / "out", network=network)  # the settings themselves are refused
+    assert not (tmp_path / "out").exists()

@@ -8,11 +8,19 @@ path>`; in the text encoder every Linear of the attention and MLP of each layer 
 fc1/fc2), keyed `lora_te_<transformers module path>`. Each key has `.lora_down.weight`,
 `.lora_up.weight` and `.alpha`. The LoRA runs as a forward patch on the user's modules and comes
 off exactly; it is never merged into the weights.
+
+The LyCORIS network types (LoCon, LoHa, LoKr) come from the maintained `lycoris-lora` package when it
+is installed (3.x: its 4.x needs torch >= 2.4, newer than the WebUIs'): its modules hold the factors,
+compute each delta and name the file's tensors (`hada_w1_a`, `lokr_w1`, ...), as LyCORIS files the
+WebUIs' Lora loaders read. They also cover the ResBlocks and the down/up-samplers, 3x3 convolutions
+included, as LyCORIS's presets do. Plain LoRA stays this module's own code.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
+import json
 from pathlib import Path
 
 import torch
@@ -24,20 +32,44 @@ from ..sd.unet_keys import ldm_to_diffusers
 
 TRANSFORMER_PARENTS = ("input_blocks", "middle_block", "output_blocks")
 TEXT_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
+# network type -> the lycoris-lora module class (None: this module's LoRALayer)
+NETWORKS: dict[str, str | None] = {
+    "lora": None,
+    "locon": "lycoris.modules.locon:LoConModule",
+    "loha": "lycoris.modules.loha:LohaModule",
+    "lokr": "lycoris.modules.lokr:LokrModule",
+}
+LYCORIS_INSTALL = "pip install lycoris-lora==3.4.0 toml"
 
 
-def target_modules(unet: nn.Module) -> dict[str, nn.Module]:
-    """kohya name -> module, for every Linear / 1x1 Conv inside the UNet's SpatialTransformers."""
+def lycoris_missing(network: str) -> str | None:
+    """Why `network` cannot be trained here (the package it needs is absent), or None."""
+    if NETWORKS.get(network) is None:
+        return None
+    try:
+        importlib.import_module(NETWORKS[network].split(":")[0])
+    except Exception as e:  # ImportError, or a lycoris release that needs a newer torch
+        return f"network type '{network}' needs the lycoris-lora package ({LYCORIS_INSTALL}): {e}"
+    return None
+
+
+def target_modules(unet: nn.Module, *, resnets: bool = False) -> dict[str, nn.Module]:
+    """kohya name -> module, for every Linear / 1x1 Conv inside the UNet's SpatialTransformers; with `resnets`
+    also every Linear / Conv of its ResBlocks and down/up-samplers (LyCORIS's targets)."""
     targets = {}
     for name, module in unet.named_modules():
         parts = name.split(".")
-        if parts[0] not in TRANSFORMER_PARENTS or not hasattr(module, "transformer_blocks"):
+        if parts[0] not in TRANSFORMER_PARENTS:
+            continue
+        transformer = hasattr(module, "transformer_blocks")
+        conv_block = hasattr(module, "in_layers") or type(module).__name__ in ("Downsample", "Upsample")
+        if not transformer and not (resnets and conv_block):
             continue
         for sub_name, sub in module.named_modules():
             is_linear = isinstance(sub, nn.Linear)
-            is_pointwise = isinstance(sub, nn.Conv2d) and sub.kernel_size == (1, 1)
-            if sub_name and (is_linear or is_pointwise):
-                diffusers = ldm_to_diffusers(f"{name}.{sub_name}")
+            is_conv = isinstance(sub, nn.Conv2d) and (transformer is False or sub.kernel_size == (1, 1))
+            if sub_name and (is_linear or is_conv):
+                diffusers = ldm_to_diffusers(f"{name}.{sub_name}.")[:-1]
                 targets["lora_unet_" + diffusers.replace(".", "_")] = sub
     return targets
 
@@ -99,16 +131,57 @@ class LoRALayer(nn.Module):
     def delta(self, x: Tensor, multiplier: float) -> Tensor:
         return self.lora_up(self.lora_down(x.to(self.lora_down.weight.dtype))) * (multiplier * self.scale)
 
+    def file_tensors(self) -> dict[str, Tensor]:
+        return {"lora_down.weight": self.lora_down.weight, "lora_up.weight": self.lora_up.weight, "alpha": self.alpha}
+
+    def load_file_tensors(self, tensors: dict[str, Tensor]) -> None:
+        with torch.no_grad():
+            self.lora_down.weight.copy_(tensors["lora_down.weight"])
+            self.lora_up.weight.copy_(tensors["lora_up.weight"])
+        self.set_alpha(tensors["alpha"].item())
+
+
+class LycorisLayer(nn.Module):
+    """One lycoris-lora module on `base`: the package computes the delta, and its state dict is the file's
+    layout for this key. The module is never applied to `base` (no `apply_to`): KohyaLoRA patches."""
+
+    def __init__(self, key: str, base: nn.Module, network: str, rank: int, alpha: float) -> None:
+        super().__init__()
+        module_path, class_name = str(NETWORKS[network]).split(":")
+        module_class = getattr(importlib.import_module(module_path), class_name)
+        self.net = module_class(key, base, multiplier=1.0, lora_dim=rank, alpha=alpha)
+        self.network = network
+
+    def delta(self, x: Tensor, multiplier: float) -> Tensor:
+        """The base layer's own operation (linear, or conv with its stride and padding) on the weight
+        difference, as the package's own (non-bypass) forward computes it. Not its bypass path, which
+        breaks on some LoKr convolutions, nor get_diff_weight, which scales LoHa/LoKr twice (3.4.0)."""
+        net = self.net
+        if self.network == "locon":
+            diff = net.make_weight(x.device) * net.scale
+        else:
+            diff = net.get_weight(net.shape) * net.scalar
+        return net.op(x.to(diff.dtype), diff * multiplier, **net.kw_dict)
+
+    def file_tensors(self) -> dict[str, Tensor]:
+        return dict(self.net.state_dict())
+
+    def load_file_tensors(self, tensors: dict[str, Tensor]) -> None:
+        self.net.load_state_dict(tensors)
+
 
 class KohyaLoRA(nn.Module):
-    """The LoRA layers for one UNet (and optionally its text encoder); `install()` / `remove()` patch and
-    unpatch their modules. `multiplier` scales every delta, like the weight in `<lora:name:weight>`."""
+    """The LoRA (or LyCORIS) layers for one UNet (and optionally its text encoder); `install()` / `remove()`
+    patch and unpatch their modules. `multiplier` scales every delta, like the weight in `<lora:name:weight>`."""
 
     def __init__(
-        self, unet: nn.Module, rank: int = 16, alpha: float = 8.0, text_encoder: nn.Module | None = None
-    ) -> None:
+        self, unet: nn.Module, rank: int = 16, alpha: float = 8.0, text_encoder: nn.Module | None = None,
+        network: str = "lora",
+    ) -> None:  # fmt: skip
         super().__init__()
-        self.targets = target_modules(unet)
+        if network not in NETWORKS:
+            raise ValueError(f"network must be one of {', '.join(NETWORKS)}, not {network!r}")
+        self.targets = target_modules(unet, resnets=network != "lora")
         if not self.targets:
             raise ValueError("this UNet has no transformer blocks to put a LoRA on")
         if text_encoder is not None:
@@ -116,8 +189,13 @@ class KohyaLoRA(nn.Module):
             if not text:
                 raise ValueError("this text encoder has no CLIP encoder layers to put a LoRA on")
             self.targets.update(text)
-        self.layers = nn.ModuleDict({k: LoRALayer(m, rank, alpha) for k, m in self.targets.items()})
-        self.rank, self.alpha = rank, alpha
+        self.layers = nn.ModuleDict(
+            {
+                k: LoRALayer(m, rank, alpha) if network == "lora" else LycorisLayer(k, m, network, rank, alpha)
+                for k, m in self.targets.items()
+            }
+        )
+        self.rank, self.alpha, self.network = rank, alpha, network
         self.multiplier = 1.0
         self._patches: list[ForwardPatch] = []
 
@@ -142,12 +220,11 @@ class KohyaLoRA(nn.Module):
         self._patches.clear()
 
     def kohya_state_dict(self) -> dict[str, Tensor]:
-        out = {}
-        for key, layer in self.layers.items():
-            out[f"{key}.lora_down.weight"] = layer.lora_down.weight.detach().contiguous().cpu()
-            out[f"{key}.lora_up.weight"] = layer.lora_up.weight.detach().contiguous().cpu()
-            out[f"{key}.alpha"] = layer.alpha.detach().cpu()
-        return out
+        return {
+            f"{key}.{name}": t.detach().contiguous().cpu()
+            for key, layer in self.layers.items()
+            for name, t in layer.file_tensors().items()
+        }
 
     def save(self, path: str | Path, metadata: dict[str, str] | None = None, dtype=torch.float16) -> None:
         """Write the kohya file; `metadata` adds to / overrides the ss_* and modelspec.* defaults."""
@@ -155,8 +232,9 @@ class KohyaLoRA(nn.Module):
             k: v.to(dtype) if v.is_floating_point() and v.ndim else v for k, v in self.kohya_state_dict().items()
         }
         text = any(k.startswith("lora_te_") for k in tensors)
+        lycoris = {"ss_network_module": "lycoris.kohya", "ss_network_args": self._network_args()}
         meta = {
-            "ss_network_module": "networks.lora",
+            **({"ss_network_module": "networks.lora"} if self.network == "lora" else lycoris),
             "ss_network_dim": str(self.rank),
             "ss_network_alpha": str(self.alpha),
             "ss_network_train_unet_only": str(not text),
@@ -177,12 +255,13 @@ class KohyaLoRA(nn.Module):
         if set(tensors) != expected:
             missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
             raise ValueError(f"LoRA keys differ: {len(missing)} missing (e.g. {missing[:2]}), {len(extra)} extra")
-        with torch.no_grad():
-            for key, layer in self.layers.items():
-                layer.lora_down.weight.copy_(tensors[f"{key}.lora_down.weight"])
-                layer.lora_up.weight.copy_(tensors[f"{key}.lora_up.weight"])
-                layer.set_alpha(tensors[f"{key}.alpha"].item())
+        for key, layer in self.layers.items():
+            layer.load_file_tensors({name: tensors[f"{key}.{name}"] for name in layer.file_tensors()})
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
+
+    def _network_args(self) -> str:
+        """kohya's ss_network_args for a LyCORIS run: the algorithm, and the conv rank (= the linear one)."""
+        return json.dumps({"algo": self.network, "conv_dim": str(self.rank), "conv_alpha": str(self.alpha)})

@@ -36,7 +36,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
 from ..files.images import ImageInputError, garment_tensor, tensor_to_image
-from ..files.settings_model import Field, Settings, ValidationError, problems_of
+from ..files.settings_model import Field, Settings, ValidationError, problems_of, validator
 from ..sd.checkpoint import StableDiffusion
 from ..sd.diffusion import diffusion_target, predicted_noise
 from ..sd.sampling import ddim_sample
@@ -45,13 +45,14 @@ from ..training.loop import PRECISIONS, RESUME_HELP, LoopSettings, MicroBatch, P
 from ..training.state import TrainingError
 from .captions import read_captions, ss_tag_frequency, varied_caption
 from .dataset import MIN_SIDE
-from .kohya_lora import KohyaLoRA
+from .kohya_lora import NETWORKS, KohyaLoRA, lycoris_missing
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,99}$")
 # What a resumed run must share with the saved one (besides the optimizer and the number of images).
 RESUME_KEYS = (
     "rank",
     "alpha",
+    "network",
     "train_text_encoder",
     "batch_size",
     "grad_accumulation",
@@ -91,6 +92,7 @@ class TrainConfig(Settings):
     buckets: bool = False  # aspect buckets (sides multiples of 64, about resolution^2 pixels) instead of squares
     rank: int = 16
     alpha: float = 8.0
+    network: str = "lora"  # lora (our own), or locon / loha / lokr through the lycoris-lora package
     train_text_encoder: bool = False
     learning_rate: float = 1e-4
     text_encoder_lr: float = 5e-5
@@ -130,6 +132,15 @@ class TrainConfig(Settings):
             super().__init__(**values)
         except ValidationError as e:
             raise TrainingError(problems_of(e)) from e
+
+    @validator("network")
+    def _network_available(cls, value: str) -> str:
+        """Checked with the settings, so a missing package stops a run before any model is loaded or lent."""
+        if value not in NETWORKS:
+            raise ValueError(f"must be one of {', '.join(NETWORKS)}")
+        if missing := lycoris_missing(value):
+            raise ValueError(missing)
+        return value
 
 
 @dataclass
@@ -193,7 +204,7 @@ def train_lora(
     with torch.random.fork_rng(devices=[]):  # the LoRA's init is seeded without moving the user's RNG
         torch.manual_seed(config.seed)
         text_encoder = model.text_encoder if config.train_text_encoder else None
-        lora = KohyaLoRA(model.unet, config.rank, config.alpha, text_encoder=text_encoder).to(model.device)
+        lora = KohyaLoRA(model.unet, config.rank, config.alpha, text_encoder, config.network).to(model.device)
     with (
         _frozen(model),
         training_patches(model.unet, gradient_checkpointing=config.gradient_checkpointing, sdpa=config.sdpa),

@@ -13,6 +13,7 @@ from pathlib import Path
 import gradio as gr
 
 from ..garment_lora.dataset import BG_SEGMENT, background_choices
+from ..garment_lora.kohya_lora import NETWORKS
 from ..garment_lora.trainer import PRESETS
 
 
@@ -75,6 +76,7 @@ class TrainSettings:
     preset: gr.Radio
     rank: gr.Slider
     alpha: gr.Slider
+    network: gr.Radio
     epochs: gr.Number
     lr: gr.Number
     batch: gr.Slider
@@ -137,7 +139,8 @@ class LoraLayout:
         return {
             "dataset_dir": d.dataset_dir, "name": t.name, "overwrite": t.overwrite, "out_dir": t.out_dir,
             "checkpoint": t.checkpoint, "tokenizer": t.tokenizer, "rank": s.rank, "alpha": s.alpha,
-            "epochs": s.epochs, "learning_rate": s.lr, "batch_size": s.batch, "resolution": s.resolution,
+            "network": s.network, "epochs": s.epochs, "learning_rate": s.lr, "batch_size": s.batch,
+            "resolution": s.resolution,
             "mixed_precision": s.precision, "gradient_checkpointing": s.checkpointing,
             "train_text_encoder": s.train_text, "min_snr_gamma": s.min_snr, "noise_offset": s.noise_offset,
             "masked_loss": s.masked, "buckets": s.buckets, "caption_dropout": s.caption_dropout,
@@ -254,6 +257,8 @@ def _train_settings(cuda: bool) -> TrainSettings:
         preset = gr.Radio(list(PRESETS), value="12 GB", label="VRAM preset (sets batch, precision, checkpointing)")
         rank = gr.Slider(1, 128, 16, step=1, label="Rank (dim)")
         alpha = gr.Slider(1, 128, 8, step=1, label="Alpha")
+        network = gr.Radio(list(NETWORKS), value="lora", label="Network (locon, loha, lokr: lycoris-lora package)",
+                           elem_id="anydressing_lora_network")  # fmt: skip
         epochs = gr.Number(50, precision=0, label="Epochs", elem_id="anydressing_lora_epochs")
     with gr.Row():
         lr = gr.Number(1e-4, label="Learning rate")
@@ -288,6 +293,7 @@ def _train_settings(cuda: bool) -> TrainSettings:
         preset,
         rank,
         alpha,
+        network,
         epochs,
         lr,
         batch,
