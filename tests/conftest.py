@@ -19,11 +19,16 @@ def unet():
 
 @pytest.fixture
 def inputs():
+    return unet_inputs(TINY_UNET["context_dim"])
+
+
+def unet_inputs(context_dim: int, pooled_dim: int = 0) -> tuple[torch.Tensor, ...]:
+    """(x, t, context) of two rows at LATENT, seeded; with `pooled_dim` also SDXL's pooled input y."""
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 4, *LATENT, generator=gen)
     t = torch.tensor([700.0, 700.0])
-    context = torch.randn(2, 7, TINY_UNET["context_dim"], generator=gen)
-    return x, t, context
+    context = torch.randn(2, 7, context_dim, generator=gen)
+    return (x, t, context, torch.randn(2, pooled_dim, generator=gen)) if pooled_dim else (x, t, context)
 
 
 @pytest.fixture

@@ -11,7 +11,8 @@ from lib_anydressing.engine import Dresser, DressingProjections, GarmentsNet, se
 from lib_anydressing.sd.architectures import SDXL_UNET, TINY_SDXL_UNET
 from lib_anydressing.sd.random_models import build_unet, unet_structure
 
-LATENT = (24, 16)
+from conftest import LATENT, unet_inputs
+
 GARMENT = (16, 16)
 
 
@@ -22,12 +23,7 @@ def xl_unet():
 
 @pytest.fixture
 def xl_inputs():
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 4, *LATENT, generator=gen)
-    t = torch.tensor([700.0, 700.0])
-    context = torch.randn(2, 7, TINY_SDXL_UNET["context_dim"], generator=gen)
-    y = torch.randn(2, TINY_SDXL_UNET["adm_in_channels"], generator=gen)
-    return x, t, context, y
+    return unet_inputs(TINY_SDXL_UNET["context_dim"], TINY_SDXL_UNET["adm_in_channels"])
 
 
 def _run(unet, x, t, context, y):
