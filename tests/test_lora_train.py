@@ -572,3 +572,13 @@ def test_a_lycoris_network_without_the_package_starts_nothing(dataset, tmp_path,
     with pytest.raises(TrainingError, match=f"network: network type '{network}' needs the lycoris-lora package"):
         _config(dataset, tmp_path / "out", network=network)  # the settings themselves are refused
     assert not (tmp_path / "out").exists()
+
+
+def test_a_lokr_run_resumes_to_the_same_weights(model, dataset, tmp_path):
+    """The lycoris-lora modules' own state_dict hooks survive the resume state: stopped after step 2 and
+    resumed, a LoKr run ends where the uninterrupted one does."""
+    with torch_threads(1):
+        whole = train_lora(model, _config(dataset, tmp_path / "whole", network="lokr"))
+    second, steps = _split_run(model, _config(dataset, tmp_path / "split", network="lokr"), stop_at=2)
+    assert steps == [3, 4, 5, 6]
+    _check_same_run(whole, second)
