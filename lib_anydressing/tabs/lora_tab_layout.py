@@ -15,6 +15,7 @@ import gradio as gr
 from ..garment_lora.dataset import BG_SEGMENT, background_choices
 from ..garment_lora.kohya_lora import NETWORKS
 from ..garment_lora.trainer import PRESETS
+from .gradio_compat import plot_size
 
 
 @dataclass(frozen=True)
@@ -324,7 +325,7 @@ def _train_run() -> TrainRun:
         watch = gr.Button("Show progress of the running training")
     progress = gr.Markdown(elem_id="anydressing_lora_progress")
     with gr.Row():
-        loss_plot = gr.LinePlot(x="step", y="loss", title="Loss", width=500, height=260,
+        loss_plot = gr.LinePlot(x="step", y="loss", title="Loss", **plot_size(500, 260),
                                 elem_id="anydressing_lora_loss")  # fmt: skip
         samples = gr.Gallery(label="Samples", columns=4, height=260, elem_id="anydressing_lora_samples")
     final = gr.Markdown(elem_id="anydressing_lora_final")
