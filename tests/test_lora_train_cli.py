@@ -103,3 +103,15 @@ def test_bench_lora_times_plain_and_memory_savers_in_one_run(capsys):
     assert plain > 0 and savers > 0
     assert result["step_ratio"] == pytest.approx(savers / plain, abs=2e-3)
     assert result["resolution"] == 64 and result["model_channels"] == 32 and result["batch_size"] == 1
+
+
+def test_bench_lora_compares_a_lycoris_network_with_plain_lora_in_the_same_run(capsys):
+    from lib_anydressing.__main__ import main
+
+    args = ["bench-lora", "--json", "--model-channels", "32", "--resolution", "64", "--steps", "1"]
+    assert main([*args, "--network", "loha"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["network"] == "loha" and result["sec_per_step_lora"] > 0
+    assert result["network_ratio"] == pytest.approx(
+        result["sec_per_step_plain"] / result["sec_per_step_lora"], abs=2e-3
+    )

@@ -5,7 +5,8 @@ VAE with random weights, batch 1: "plain" encodes the image with the VAE every s
 AdamW; "savers" caches the latents, checkpoints the UNet's blocks and uses 8-bit AdamW when
 bitsandbytes is installed (CUDA). Text embeddings are cached in both (the text encoder is frozen).
 On CUDA the runs use fp16 and report peak memory. --model-channels / --resolution shrink the model
-for a quick CPU run.
+for a quick CPU run. `--network locon|loha|lokr` trains that LyCORIS type in both runs and adds a plain
+LoRA run, so `network_ratio` compares the two in the same process.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from PIL import Image
 
 from ..files.bench_output import print_result
 from ..sd.random_models import sd15_shaped
+from .kohya_lora import NETWORKS
 from .trainer import Progress, TrainConfig, train_lora
 
 
@@ -31,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed steps per run (after 2 warm-up steps)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--network", choices=list(NETWORKS), default="lora", help="locon/loha/lokr: lycoris-lora")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -41,14 +44,16 @@ def main(args: argparse.Namespace) -> int:
         steps=args.steps,
         device=torch.device(args.device),
         rank=args.rank,
+        network=args.network,
     )
     print_result(result, args.json)
     return 0
 
 
 def run_bench(
-    *, resolution: int = 512, model_channels: int = 320, steps: int = 6, device: torch.device, rank: int = 16
-) -> dict[str, object]:
+    *, resolution: int = 512, model_channels: int = 320, steps: int = 6, device: torch.device, rank: int = 16,
+    network: str = "lora",
+) -> dict[str, object]:  # fmt: skip
     cuda = device.type == "cuda"
     dtype = torch.float16 if cuda else torch.float32
     model = sd15_shaped(model_channels).to(device, dtype)
@@ -58,11 +63,15 @@ def run_bench(
         "model_channels": model_channels,
         "batch_size": 1,
         "precision": "fp16" if cuda else "fp32",
+        "network": network,
     }
+    plain = {"cache_latents": False, "gradient_checkpointing": False, "optimizer": "adamw", "network": network}
     runs = {
-        "plain": {"cache_latents": False, "gradient_checkpointing": False, "optimizer": "adamw"},
-        "savers": {"cache_latents": True, "gradient_checkpointing": True, "optimizer": "adamw8bit"},
+        "plain": plain,
+        "savers": {"cache_latents": True, "gradient_checkpointing": True, "optimizer": "adamw8bit", "network": network},
     }
+    if network != "lora":
+        runs["lora"] = {**plain, "network": "lora"}
     with tempfile.TemporaryDirectory() as tmp:
         data = _dataset(Path(tmp) / "data", resolution)
         for name, savers in runs.items():
@@ -91,6 +100,8 @@ def run_bench(
             if name == "savers":
                 result["optimizer_savers"] = outcome_optimizer(outcome.output)
     result["step_ratio"] = round(result["sec_per_step_savers"] / result["sec_per_step_plain"], 3)
+    if network != "lora":
+        result["network_ratio"] = round(result["sec_per_step_plain"] / result["sec_per_step_lora"], 3)
     if cuda:
         result["mem_ratio"] = round(result["peak_mem_mb_savers"] / result["peak_mem_mb_plain"], 3)
     return result
