@@ -157,6 +157,9 @@ def test_timed_rounds_send_unseen_garments_then_the_same_again_and_time_referenc
     timings = json.loads(out)["timings"]
     assert code == 0
     assert {"dressed_cold_s", "dressed_warm_s", "reference_only_s", "ratio_reference_only"} <= set(timings)
+    assert timings["rounds"] == 2
     sent = FakeWebUI.garments_sent
     once_seen = [g for g in set(sent) if sent.count(g) == 2 and sent[sent.index(g) + 1] == g]
     assert len(once_seen) == 2  # each round: a cold request with new garments, then the same request warm
+    _, table = _run(webui, capsys)  # one round: the table says its figures are noisy
+    assert "(one round: noisy" in next(line for line in table.splitlines() if line.strip().startswith("time:"))

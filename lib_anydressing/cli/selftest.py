@@ -196,7 +196,7 @@ def speed(webui: WebUI, base: dict, repeats: int) -> dict[str, float]:
     best = {name: min(seconds) for name, seconds in times.items()}
     ratios = {f"ratio_{name.removeprefix('dressed_')}": round(t / best["plain"], 2) for name, t in best.items()}
     ratios.pop("ratio_plain")
-    return {**{f"{name}_s": round(t, 2) for name, t in best.items()}, **ratios}
+    return {**{f"{name}_s": round(t, 2) for name, t in best.items()}, **ratios, "rounds": repeats}
 
 
 def _unseen_garments() -> list[dict]:
@@ -338,7 +338,9 @@ def print_table(report: Report) -> None:
               f"{t['dressed_warm_s']} s warm ({t['ratio_warm']}x)", end="")  # fmt: skip
         if "reference_only_s" in t:
             print(f"; ControlNet reference-only {t['reference_only_s']} s ({t['ratio_reference_only']}x)", end="")
-        print()
+        rounds = t["rounds"]
+        print(f" (fastest of {rounds} rounds)" if rounds > 1 else " (one round: noisy where other jobs share the "
+              "machine; --repeats 3 for figures)")  # fmt: skip
     print("FAIL" if report.failed else "all passed")
 
 
