@@ -345,7 +345,7 @@ def test_positional_script_args_as_the_ui_sends_them():
         ("tiny_region", "garment 2: its box region is too small to steer the model"),
     ],
 )
-def test_bad_input_gets_a_message_and_leaves_the_model_untouched(setup, tmp_path, case, expected):
+def test_bad_input_gets_a_message_and_leaves_the_model_untouched(setup, tmp_path, case, expected, caplog):
     controller, p, unet = setup
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     opts = _opts()
@@ -370,9 +370,11 @@ def test_bad_input_gets_a_message_and_leaves_the_model_untouched(setup, tmp_path
         opts = from_api({"enabled": True, "garments": garments})
     else:
         controller.env.refuse = "Hypertile tiles the self-attention that AnyDressing needs whole"
-    start(controller, p, opts)
+    with caplog.at_level("WARNING", logger="anydressing"):
+        start(controller, p, opts)
     comments = " | ".join(p.comments)
     assert expected in comments and "generating without dressing" in comments
+    assert [r.getMessage() for r in caplog.records] == list(p.comments)  # the console says the same
     assert controller.session is None and list(p.extra_generation_params) == ["AnyDressing problems"]
     params = _a1111_infotext_round_trip(p.extra_generation_params)  # what an API client finds in `info`
     assert params["Steps"] == "20" and params["Sampler"] == "Euler a"  # the entries after it still parse

@@ -12,6 +12,7 @@ user's UnetPatcher is put back in the same places.
 
 from __future__ import annotations
 
+import logging
 import traceback
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -33,6 +34,8 @@ from ..generation.session import DressingSession, HostContext
 from . import forge
 from .forge import is_forge, unet_of
 from .infotext import PREFIX, PROBLEMS, infotext
+
+log = logging.getLogger("anydressing")
 
 
 class WebUIEnv(Protocol):
@@ -263,9 +266,10 @@ class _Pending:
 
 
 def _problem(p: Any, comment: str) -> None:
-    """A comment under the image in the UI, and an infotext entry: A1111 1.10's API answer (`info`)
-    carries the infotext and extra_generation_params but not the comments."""
+    """A comment under the image in the UI, an infotext entry (A1111 1.10's API answer, `info`, carries the
+    infotext and extra_generation_params but not the comments), and a warning on the WebUI's console."""
     p.comment(comment)
+    log.warning(comment)
     text = comment.removeprefix(f"{PREFIX}: ")
     earlier = p.extra_generation_params.get(PROBLEMS)
     p.extra_generation_params[PROBLEMS] = f"{earlier}; {text}" if earlier else text
