@@ -69,6 +69,8 @@ def main(args: argparse.Namespace) -> int:
     print()
     for line in result.skipped:
         print(f"skipped {line}")
+    for note in result.notes:
+        print(f"note: {note}")
     print(result.message)
     return {"done": 0, "interrupted": 130}.get(result.status, 1)
 

@@ -2,12 +2,13 @@
 format so the WebUI's Lora extension (and other tools) load it with `<lora:name:1>` and no
 "failed to match keys".
 
-Targets are kohya's for SD1.x: every Linear and 1x1 Conv inside the UNet's transformer blocks
+Targets are kohya's: every Linear and 1x1 Conv inside the UNet's transformer blocks
 (proj_in, proj_out, attn1/attn2 q/k/v/out, the feed-forward), keyed `lora_unet_<diffusers module
-path>`; in the text encoder every Linear of the attention and MLP of each layer (q/k/v/out_proj,
-fc1/fc2), keyed `lora_te_<transformers module path>`. Each key has `.lora_down.weight`,
-`.lora_up.weight` and `.alpha`. The LoRA runs as a forward patch on the user's modules and comes
-off exactly; it is never merged into the weights.
+path>` for SD1.x and `lora_unet_<sgm module path>` for SDXL (kohya's SDXL UNet keeps the original
+names); in the text encoder every Linear of the attention and MLP of each layer (q/k/v/out_proj, fc1/fc2),
+keyed `lora_te_<transformers module path>`. Each key has `.lora_down.weight`, `.lora_up.weight` and
+`.alpha`. The LoRA runs as a forward patch on the user's modules and comes off exactly; it is never
+merged into the weights.
 
 The LyCORIS network types (LoCon, LoHa, LoKr) come from the maintained `lycoris-lora` package when it
 is installed (3.x: its 4.x needs torch >= 2.4, newer than the WebUIs'): its modules hold the factors,
@@ -53,9 +54,10 @@ def lycoris_missing(network: str) -> str | None:
     return None
 
 
-def target_modules(unet: nn.Module, *, resnets: bool = False) -> dict[str, nn.Module]:
+def target_modules(unet: nn.Module, *, resnets: bool = False, sdxl: bool = False) -> dict[str, nn.Module]:
     """kohya name -> module, for every Linear / 1x1 Conv inside the UNet's SpatialTransformers; with `resnets`
-    also every Linear / Conv of its ResBlocks and down/up-samplers (LyCORIS's targets)."""
+    also every Linear / Conv of its ResBlocks and down/up-samplers (LyCORIS's targets). `sdxl`: named by
+    the module's own (sgm) path, as kohya names SDXL LoRAs."""
     targets = {}
     for name, module in unet.named_modules():
         parts = name.split(".")
@@ -69,8 +71,8 @@ def target_modules(unet: nn.Module, *, resnets: bool = False) -> dict[str, nn.Mo
             is_linear = isinstance(sub, nn.Linear)
             is_conv = isinstance(sub, nn.Conv2d) and (transformer is False or sub.kernel_size == (1, 1))
             if sub_name and (is_linear or is_conv):
-                diffusers = ldm_to_diffusers(f"{name}.{sub_name}.")[:-1]
-                targets["lora_unet_" + diffusers.replace(".", "_")] = sub
+                path = f"{name}.{sub_name}" if sdxl else ldm_to_diffusers(f"{name}.{sub_name}.")[:-1]
+                targets["lora_unet_" + path.replace(".", "_")] = sub
     return targets
 
 
@@ -176,12 +178,12 @@ class KohyaLoRA(nn.Module):
 
     def __init__(
         self, unet: nn.Module, rank: int = 16, alpha: float = 8.0, text_encoder: nn.Module | None = None,
-        network: str = "lora",
+        network: str = "lora", *, sdxl: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
         if network not in NETWORKS:
             raise ValueError(f"network must be one of {', '.join(NETWORKS)}, not {network!r}")
-        self.targets = target_modules(unet, resnets=network != "lora")
+        self.targets = target_modules(unet, resnets=network != "lora", sdxl=sdxl)
         if not self.targets:
             raise ValueError("this UNet has no transformer blocks to put a LoRA on")
         if text_encoder is not None:
@@ -195,7 +197,7 @@ class KohyaLoRA(nn.Module):
                 for k, m in self.targets.items()
             }
         )
-        self.rank, self.alpha, self.network = rank, alpha, network
+        self.rank, self.alpha, self.network, self.sdxl = rank, alpha, network, sdxl
         self.multiplier = 1.0
         self._patches: list[ForwardPatch] = []
 
@@ -238,9 +240,9 @@ class KohyaLoRA(nn.Module):
             "ss_network_dim": str(self.rank),
             "ss_network_alpha": str(self.alpha),
             "ss_network_train_unet_only": str(not text),
-            "ss_base_model_version": "sd_v1",
+            "ss_base_model_version": "sdxl_base_v1-0" if self.sdxl else "sd_v1",
             "modelspec.sai_model_spec": "1.0.0",
-            "modelspec.architecture": "stable-diffusion-v1/lora",
+            "modelspec.architecture": f"{'stable-diffusion-xl-v1-base' if self.sdxl else 'stable-diffusion-v1'}/lora",
             "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
             "modelspec.title": Path(path).stem,
             **(metadata or {}),

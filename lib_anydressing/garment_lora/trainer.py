@@ -25,7 +25,7 @@ import shutil
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -153,6 +153,7 @@ class TrainResult:
     losses: list[float]
     samples: list[Path]
     skipped: list[str]  # dataset files that could not be used, with the reason
+    notes: list[str] = field(default_factory=list)  # settings that work but are not what the model suits
 
 
 @dataclass
@@ -204,7 +205,9 @@ def train_lora(
     with torch.random.fork_rng(devices=[]):  # the LoRA's init is seeded without moving the user's RNG
         torch.manual_seed(config.seed)
         text_encoder = model.text_encoder if config.train_text_encoder else None
-        lora = KohyaLoRA(model.unet, config.rank, config.alpha, text_encoder, config.network).to(model.device)
+        lora = KohyaLoRA(model.unet, config.rank, config.alpha, text_encoder, config.network, sdxl=model.is_sdxl).to(
+            model.device
+        )
     with (
         _frozen(model),
         training_patches(model.unet, gradient_checkpointing=config.gradient_checkpointing, sdpa=config.sdpa),
@@ -215,7 +218,9 @@ def train_lora(
             trainer = GarmentLoRATrainer(model, config, name, lora, data, on_progress, stop, progress_bar)
             if resuming:
                 trainer.resume(str(state_path))
-            return trainer.train()
+            result = trainer.train()
+            result.notes = _notes(config, model)
+            return result
         finally:
             lora.remove()
 
@@ -287,8 +292,8 @@ class GarmentLoRATrainer(Trainer):
         self.samples: list[Path] = []
         self.started = datetime.now(timezone.utc)
         self.latents: list[Tensor] | None = None  # cached by _prepare, with the contexts
-        self.contexts: list[Tensor] | None = None
-        self.token_ids = model.tokenize([item.caption for item in self.items])
+        self.conditions: list[dict[str, Tensor]] | None = None
+        self.token_ids = None if model.is_sdxl else model.tokenize([item.caption for item in self.items])
 
     # --- the loop ---------------------------------------------------------------------------------------
 
@@ -348,17 +353,20 @@ class GarmentLoRATrainer(Trainer):
         noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
         target = diffusion_target(latents, noise, abar, model.prediction)
         with self.autocast():
-            if self.varied_captions:
-                captions = [self._step_caption(self.items[i].caption) for i in batch]
-                context = model.encode_text(model.tokenize(captions))
-            elif self.contexts is not None:
-                context = torch.stack([self.contexts[i] for i in batch]).to(self.device)
-            else:
-                context = model.encode_text(self.token_ids[batch])
-            pred = model.unet(noisy.to(self._unet_dtype()), timesteps.to(self.device), context=context)
+            cond = self._conditioning(batch)
+            pred = model.unet(noisy.to(self._unet_dtype()), timesteps.to(self.device), **cond)
         mask = torch.stack([self.items[i].mask for i in batch]).to(self.device)
         weights = snr_weights(abar.view(-1), config.min_snr_gamma, model.prediction)
         return masked_mse(pred.float(), target, mask if config.masked_loss else None, weights)
+
+    def _conditioning(self, batch: list[int]) -> dict[str, Tensor]:
+        """The batch's text inputs to the UNet: cached, or encoded now (varied captions, a text-encoder LoRA)."""
+        if self.conditions is not None:
+            return {k: torch.stack([self.conditions[i][k] for i in batch]).to(self.device) for k in self.conditions[0]}
+        size_hw = tuple(self.items[batch[0]].pixels.shape[-2:])  # a batch is one size (buckets never mix)
+        if self.varied_captions:
+            return self.sd.unet_conditioning([self._step_caption(self.items[i].caption) for i in batch], size_hw)
+        return self.sd.unet_conditioning(self.token_ids[batch], size_hw)
 
     @property
     def varied_captions(self) -> bool:
@@ -444,7 +452,7 @@ class GarmentLoRATrainer(Trainer):
         if self.config.cache_latents:
             self.latents = self._cache_latents()
         if not self.config.train_text_encoder and not self.varied_captions:  # varied captions: encoded per step
-            self.contexts = self._encode_captions()
+            self.conditions = self._encode_captions()
         return not self.stop.is_set()
 
     def _until_stopped(self) -> Iterator[_Item]:
@@ -460,9 +468,12 @@ class GarmentLoRATrainer(Trainer):
             ]
 
     @torch.no_grad()
-    def _encode_captions(self) -> list[Tensor]:
+    def _encode_captions(self) -> list[dict[str, Tensor]]:
         with self.autocast():
-            return [self.sd.encode_text([item.caption])[0].cpu() for item in self._until_stopped()]
+            return [
+                {k: v[0].cpu() for k, v in self.sd.unet_conditioning([item.caption], item.pixels.shape[-2:]).items()}
+                for item in self._until_stopped()
+            ]
 
     def _unet_dtype(self) -> torch.dtype:
         return next(self.sd.unet.parameters()).dtype
@@ -476,11 +487,12 @@ class GarmentLoRATrainer(Trainer):
         side = config.resolution // 8
         noise = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(config.seed)).to(self.device)
         with self.autocast():
-            context = torch.cat([model.encode_text([prompt]), model.encode_text([""])])
+            cond, uncond = (model.unet_conditioning([text], (config.resolution,) * 2) for text in (prompt, ""))
+            both = {k: torch.cat([cond[k], uncond[k]]) for k in cond}
             abar = model.alphas_cumprod.to(self.device, torch.float32)
 
             def eps(x: Tensor, t: Tensor) -> Tensor:
-                out = model.unet(x.to(self._unet_dtype()), t, context=context).float()
+                out = model.unet(x.to(self._unet_dtype()), t, **both).float()
                 return predicted_noise(out, x, abar[t.long()], model.prediction)
 
             latents = ddim_sample(eps, noise, steps=config.sample_steps, guidance=7.0)
@@ -565,16 +577,11 @@ def snr_weights(abar: Tensor, gamma: float, prediction: str) -> Tensor | None:
 
 
 def _check_settings(config: TrainConfig, model: StableDiffusion) -> None:
-    problems = []
+    problems = _model_problems(config, model)
     if config.mixed_precision not in PRECISIONS:
         problems.append(f"mixed_precision must be one of {', '.join(PRECISIONS)}")
-    elif config.mixed_precision == "fp16" and model.device.type != "cuda":
-        problems.append("fp16 mixed precision needs a CUDA GPU; use bf16 or fp32")
     if config.resume not in ("latest", "no") and not Path(config.resume).is_dir():
         problems.append(f"resume must be {RESUME_HELP}")
-    dtype = next(model.unet.parameters()).dtype
-    if dtype != torch.float32 and config.mixed_precision == "fp32":
-        problems.append(f"the model is in {dtype}: choose fp16 or bf16 mixed precision")
     if config.reg_dir and config.buckets:
         problems.append("regularisation images need square training: turn aspect buckets off")
     if config.resolution % 64 or config.resolution < 64:
@@ -588,6 +595,28 @@ def _check_settings(config: TrainConfig, model: StableDiffusion) -> None:
         problems.append("optimizer must be adamw or adamw8bit")
     if problems:
         raise TrainingError("; ".join(problems))
+
+
+def _model_problems(config: TrainConfig, model: StableDiffusion) -> list[str]:
+    """The settings this model (its device, dtype, family) cannot train with."""
+    problems = []
+    if config.mixed_precision == "fp16" and model.device.type != "cuda":
+        problems.append("fp16 mixed precision needs a CUDA GPU; use bf16 or fp32")
+    dtype = next(model.unet.parameters()).dtype
+    if dtype != torch.float32 and config.mixed_precision == "fp32":
+        problems.append(f"the model is in {dtype}: choose fp16 or bf16 mixed precision")
+    if model.is_sdxl and config.train_text_encoder:
+        problems.append("a text-encoder LoRA is not supported for SDXL yet: train the UNet LoRA only")
+    return problems
+
+
+def _notes(config: TrainConfig, model: StableDiffusion) -> list[str]:
+    if model.is_sdxl and config.resolution < 1024:
+        return [
+            f"SDXL was trained at {config.resolution} px: it generates around 1024 px, where a LoRA trained at "
+            "1024 holds the garment's detail better"
+        ]
+    return []
 
 
 def _optimizer(groups: list[dict], config: TrainConfig, device: torch.device):

@@ -12,6 +12,7 @@ filled, or the BPE vocabulary the `clip` / `open_clip` packages ship.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,10 @@ from ..files.weights import load_tensors
 from .architectures import SD15_UNET, TINY_VAE, SDCheckpointError, build_autoencoder
 from .sampling import sd_alphas_cumprod
 from .tokenizer import find_clip_tokenizer, tokenizer_from_folder
+from .vae import posterior_moments
+
+# SDXL's text conditioning for prompts at an image size (height, width): the UNet's `context` and pooled `y`
+Conditioner = Callable[[list[str], tuple[int, int]], dict[str, Tensor]]
 
 LATENT_SCALE = 0.18215  # SD1.x VAE scaling factor
 UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
@@ -30,11 +35,13 @@ UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_mo
 
 @dataclass
 class StableDiffusion:
-    """The parts of an SD1.x model that training and sampling need.
+    """The parts of an SD1.x (or SDXL) model that training and sampling need.
 
     Built by `load_sd_checkpoint`, `tiny_stable_diffusion`, or from the WebUI's loaded model
     (`sd_model.model.diffusion_model`, `sd_model.first_stage_model`,
-    `sd_model.cond_stage_model.wrapped.transformer` and its tokenizer).
+    `sd_model.cond_stage_model.wrapped.transformer` and its tokenizer). An SDXL model comes with a
+    `conditioner` (the WebUI's own, for its two text encoders and size inputs); `text_encoder` is then the
+    module that holds them, frozen, and `tokenizer` is unused.
     """
 
     unet: nn.Module
@@ -45,6 +52,19 @@ class StableDiffusion:
     latent_scale: float = LATENT_SCALE
     clip_skip: int = 1  # 1: the last layer (SD1.x default); 2: the penultimate, as the WebUI's setting
     alphas_cumprod: Tensor = field(default_factory=sd_alphas_cumprod)
+    conditioner: Conditioner | None = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.conditioner is not None
+
+    def unet_conditioning(self, prompts: list[str] | Tensor, size_hw: tuple[int, int]) -> dict[str, Tensor]:
+        """The UNet's text inputs for prompts (SD1.x: or token ids) at an image size: SD1.x the `context`;
+        SDXL also its pooled and size vector `y`."""
+        if self.conditioner is None:
+            return {"context": self.encode_text(prompts)}
+        assert isinstance(prompts, list), "SDXL conditions on prompt strings"
+        return self.conditioner(prompts, size_hw)
 
     def __post_init__(self) -> None:
         if self.prediction not in ("eps", "v"):
@@ -80,11 +100,11 @@ class StableDiffusion:
     def encode_images(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Scaled latents of images in [-1, 1]; a sample of the VAE's posterior when given a generator,
         else its mean."""
-        posterior = self.vae.encode(pixels.to(self.device, next(self.vae.parameters()).dtype))
+        mean, std = posterior_moments(self.vae, pixels.to(self.device, next(self.vae.parameters()).dtype))
         if generator is None:
-            return posterior.mean * self.latent_scale
-        noise = torch.randn(posterior.mean.shape, generator=generator, device=generator.device)
-        return (posterior.mean + posterior.std * noise.to(posterior.mean)) * self.latent_scale
+            return mean * self.latent_scale
+        noise = torch.randn(mean.shape, generator=generator, device=generator.device)
+        return (mean + std * noise.to(mean)) * self.latent_scale
 
     def decode_latents(self, latents: Tensor) -> Tensor:
         """Images in [-1, 1] (not clamped) from scaled latents."""
@@ -148,7 +168,10 @@ def original_state_dict(model: StableDiffusion) -> dict[str, Tensor]:
 def _check_kind(name: str, tensors: dict[str, Tensor]) -> None:
     keys = tensors.keys()
     if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise SDCheckpointError(f"'{name}' is an SDXL checkpoint; garment LoRA training supports SD1.x only")
+        raise SDCheckpointError(
+            f"'{name}' is an SDXL checkpoint: headless training reads SD1.x files only; train an SDXL garment LoRA "
+            "in the WebUI's tab with the checkpoint loaded"
+        )
     if any(k.startswith("cond_stage_model.model.") for k in keys):
         raise SDCheckpointError(f"'{name}' is an SD2.x checkpoint (OpenCLIP text encoder); SD1.x only")
     if not any(k.startswith(UNET_PREFIX) for k in keys):

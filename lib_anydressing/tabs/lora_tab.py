@@ -268,6 +268,7 @@ def run_training(job: TrainingJob, host: TrainingHost, settings: dict[str, Any])
     with host.model(checkpoint, tokenizer) as model:
         result = train_lora(model, config, on_progress=on_progress, stop=job.stop)
     skipped = f" Skipped: {'; '.join(result.skipped)}." if result.skipped else ""
+    skipped += "".join(f" Note: {note}." for note in result.notes)
     if result.status == "done":
         call = f"<lora:{result.output.stem}:1> {trigger}, {class_word}"
         refresh = " (refresh the Lora tab to see it)" if host.uses_loaded_model else ""

@@ -264,7 +264,7 @@ def _train_settings(cuda: bool) -> TrainSettings:
     with gr.Row():
         lr = gr.Number(1e-4, label="Learning rate")
         batch = gr.Slider(1, 8, PRESETS["12 GB"]["batch_size"], step=1, label="Batch size")
-        resolution = gr.Radio([512, 768], value=512, label="Resolution")
+        resolution = gr.Radio([512, 768, 1024], value=512, label="Resolution (SDXL: 1024)")
         precision = gr.Radio(["fp16", "bf16", "fp32"] if cuda else ["bf16", "fp32"],
                              value="fp16" if cuda else "fp32", label="Precision")  # fmt: skip
         checkpointing = gr.Checkbox(True, label="Gradient checkpointing (less VRAM, slower)")

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from ..generation.model_files import model_dirs
+from ..sd.vae import posterior_mean
 from .forge import is_forge
 
 SECTION = ("anydressing", "AnyDressing")
@@ -129,18 +130,6 @@ class A1111Env:
     def empty_prompt(self, p: Any) -> Tensor | None:
         cond = p.sd_model.get_learned_conditioning([""])
         return cond["crossattn"] if isinstance(cond, dict) else cond
-
-
-def posterior_mean(vae: nn.Module, x: Tensor) -> Tensor:
-    """The mean (the mode) of a KL VAE's posterior for images x in [-1, 1], unscaled.
-
-    ldm's and sgm's AutoencoderKL and Forge's IntegratedAutoencoderKL all compute the posterior's
-    moments as quant_conv(encoder(x)), mean first (Forge may have no quant_conv).
-    """
-    moments = vae.encoder(x)
-    if getattr(vae, "quant_conv", None) is not None:
-        moments = vae.quant_conv(moments)
-    return moments.chunk(2, dim=1)[0]
 
 
 @contextmanager

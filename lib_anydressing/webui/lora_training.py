@@ -10,7 +10,7 @@ exception or interrupt alike.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,8 +92,8 @@ def refusal(sd_model: Any, fp8: bool = False) -> str | None:
         return "the UNet is stored in FP8 (Settings > Optimizations > FP8 weight): turn it off to train"
     if hasattr(sd_model, "forge_objects"):
         return "Forge is not supported for training yet"
-    if not getattr(sd_model, "is_sd1", False):
-        return "the loaded checkpoint is not SD1.x (SDXL, SD2 and SD3 LoRA training is not supported)"
+    if not (getattr(sd_model, "is_sd1", False) or getattr(sd_model, "is_sdxl", False)):
+        return "the loaded checkpoint is neither SD1.x nor SDXL (SD2 and SD3 LoRA training is not supported)"
     if sd_model.model.diffusion_model.input_blocks[0][0].in_channels != 4:
         return "the loaded checkpoint is an inpainting (or other non-4-channel) model: load a plain SD1.x one"
     if any(getattr(m, "network_current_names", ()) for m in sd_model.modules()):
@@ -120,23 +120,41 @@ def loaned_model() -> Iterator[StableDiffusion]:
         snapshot = ModelSnapshot.take(sd_model, where)
         try:
             hide_lowvram_hooks(sd_model)
-            embedder = sd_model.cond_stage_model.wrapped
-            alphas = getattr(sd_model, "alphas_cumprod_original", None)
-            lent = StableDiffusion(
-                unet=sd_model.model.diffusion_model,
-                vae=sd_model.first_stage_model,
-                text_encoder=embedder.transformer,
-                tokenizer=embedder.tokenizer,
-                prediction="v" if getattr(sd_model, "parameterization", "eps") == "v" else "eps",
-                latent_scale=float(sd_model.scale_factor),
-                clip_skip=int(getattr(shared.opts, "CLIP_stop_at_last_layers", 1)),
-                alphas_cumprod=(sd_model.alphas_cumprod if alphas is None else alphas).detach().float().cpu(),
-            )
+            from modules.prompt_parser import SdConditioning
+
+            lent = lent_model(sd_model, int(getattr(shared.opts, "CLIP_stop_at_last_layers", 1)), SdConditioning)
             yield lent.to(devices.device)  # only what training needs comes back to the GPU, in the model's dtype
         finally:
             snapshot.restore()
             lowvram.module_in_gpu = in_gpu
             devices.torch_gc()
+
+
+def lent_model(sd_model: Any, clip_skip: int, conditioning_batch: Callable[..., list[str]]) -> StableDiffusion:
+    """A1111's loaded model as the trainer's StableDiffusion: SD1.x with its CLIP text encoder; SDXL (sgm's
+    DiffusionEngine) with its conditioner, through the WebUI's own get_learned_conditioning (both text
+    encoders, the size inputs; frozen). `conditioning_batch`: A1111's prompt_parser.SdConditioning, a list
+    of prompts that carries the image's width and height."""
+    alphas = getattr(sd_model, "alphas_cumprod_original", None)
+    common = {
+        "unet": sd_model.model.diffusion_model,
+        "vae": sd_model.first_stage_model,
+        "prediction": "v" if getattr(sd_model, "parameterization", "eps") == "v" else "eps",
+        "latent_scale": float(sd_model.scale_factor),
+        "alphas_cumprod": (sd_model.alphas_cumprod if alphas is None else alphas).detach().float().cpu(),
+    }
+    if getattr(sd_model, "is_sdxl", False):
+
+        def condition(prompts: list[str], size_hw: tuple[int, int]) -> dict[str, torch.Tensor]:
+            batch = conditioning_batch(prompts, width=size_hw[1], height=size_hw[0])
+            cond = sd_model.get_learned_conditioning(batch)
+            return {"context": cond["crossattn"], "y": cond["vector"]}
+
+        return StableDiffusion(**common, text_encoder=sd_model.conditioner, tokenizer=None, conditioner=condition)
+    embedder = sd_model.cond_stage_model.wrapped
+    return StableDiffusion(
+        **common, text_encoder=embedder.transformer, tokenizer=embedder.tokenizer, clip_skip=clip_skip
+    )
 
 
 def lora_dir() -> Path:
