@@ -214,6 +214,10 @@ def test_lycoris_files_map_onto_the_modules_they_train(tmp_path, network):
         meta = f.metadata()
     assert meta["ss_network_module"] == "lycoris.kohya"
     assert json.loads(meta["ss_network_args"])["algo"] == network
+    # A1111 (torch 2.1.2) multiplies LoHa / LoKr factors in the file's dtype, which fails in fp16 on the CPU
+    # (seen live: "Networks with errors"); LoCon's it converts
+    dtypes = {t.dtype for k, t in tensors.items() if not k.endswith(".alpha")}
+    assert dtypes == {torch.float16 if network == "locon" else torch.float32}
 
 
 def test_loha_delta_is_the_hadamard_product_the_webui_applies(tmp_path):

@@ -228,8 +228,15 @@ class KohyaLoRA(nn.Module):
             for name, t in layer.file_tensors().items()
         }
 
-    def save(self, path: str | Path, metadata: dict[str, str] | None = None, dtype=torch.float16) -> None:
-        """Write the kohya file; `metadata` adds to / overrides the ss_* and modelspec.* defaults."""
+    def save(self, path: str | Path, metadata: dict[str, str] | None = None, dtype: torch.dtype | None = None) -> None:
+        """Write the kohya file; `metadata` adds to / overrides the ss_* and modelspec.* defaults.
+
+        `dtype` by default fp16, as kohya saves, but fp32 for LoHa and LoKr: A1111 multiplies their factors
+        in the file's precision, and its torch (2.1.2) has no fp16 matrix product on the CPU, so an fp16
+        LoHa is skipped there ("Networks with errors"); LoRA and LoCon factors it converts first.
+        """
+        if dtype is None:
+            dtype = torch.float32 if self.network in ("loha", "lokr") else torch.float16
         tensors = {
             k: v.to(dtype) if v.is_floating_point() and v.ndim else v for k, v in self.kohya_state_dict().items()
         }
