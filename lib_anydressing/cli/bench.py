@@ -115,7 +115,8 @@ def run_bench(
     x = torch.randn(2, 4, *latent_hw, generator=gen).to(dev)  # rows: [conditional, unconditional]
     t = torch.full((2,), 500.0, device=dev)
     context = torch.randn(2, 77, config["context_dim"], generator=gen).to(dev)
-    pooled = {"y": torch.randn(2, config["adm_in_channels"], generator=gen).to(dev)} if arch == "sdxl" else {}
+    pooled_dim = config.get("adm_in_channels")  # SDXL's pooled text and size input
+    pooled = {"y": torch.randn(2, pooled_dim, generator=gen).to(dev)} if pooled_dim else {}
     garments = torch.randn(n_garments, 4, *garment_latent_hw, generator=gen).to(dev)
     dims = {layer.name: (layer.dim, layer.inner_dim) for layer in self_attention_layers(unet)}
     lora = GarmentLoRA(dims, n_slots=max(n_garments, 2), rank=16, alpha=16).to(dev).requires_grad_(False)

@@ -69,7 +69,7 @@ def target_modules(unet: nn.Module, *, resnets: bool = False, sdxl: bool = False
             continue
         for sub_name, sub in module.named_modules():
             is_linear = isinstance(sub, nn.Linear)
-            is_conv = isinstance(sub, nn.Conv2d) and (transformer is False or sub.kernel_size == (1, 1))
+            is_conv = isinstance(sub, nn.Conv2d) and (not transformer or sub.kernel_size == (1, 1))
             if sub_name and (is_linear or is_conv):
                 path = f"{name}.{sub_name}" if sdxl else ldm_to_diffusers(f"{name}.{sub_name}.")[:-1]
                 targets["lora_unet_" + path.replace(".", "_")] = sub

@@ -162,6 +162,11 @@ class _Item:
     mask: Tensor  # (H/8, W/8) latent-resolution weight in [0, 1]
     caption: str
 
+    @property
+    def size_hw(self) -> tuple[int, int]:
+        """The image's (height, width): SDXL's conditioning takes it."""
+        return tuple(self.pixels.shape[-2:])
+
 
 def check_name(name: str) -> str:
     """The output name, refused (not rewritten) when it could leave the output folder or clash with the OS."""
@@ -363,7 +368,7 @@ class GarmentLoRATrainer(Trainer):
         """The batch's text inputs to the UNet: cached, or encoded now (varied captions, a text-encoder LoRA)."""
         if self.conditions is not None:
             return {k: torch.stack([self.conditions[i][k] for i in batch]).to(self.device) for k in self.conditions[0]}
-        size_hw = tuple(self.items[batch[0]].pixels.shape[-2:])  # a batch is one size (buckets never mix)
+        size_hw = self.items[batch[0]].size_hw  # a batch is one size (buckets never mix)
         if self.varied_captions:
             return self.sd.unet_conditioning([self._step_caption(self.items[i].caption) for i in batch], size_hw)
         return self.sd.unet_conditioning(self.token_ids[batch], size_hw)
@@ -471,7 +476,7 @@ class GarmentLoRATrainer(Trainer):
     def _encode_captions(self) -> list[dict[str, Tensor]]:
         with self.autocast():
             return [
-                {k: v[0].cpu() for k, v in self.sd.unet_conditioning([item.caption], item.pixels.shape[-2:]).items()}
+                {k: v[0].cpu() for k, v in self.sd.unet_conditioning([item.caption], item.size_hw).items()}
                 for item in self._until_stopped()
             ]
 

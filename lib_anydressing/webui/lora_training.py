@@ -95,7 +95,7 @@ def refusal(sd_model: Any, fp8: bool = False) -> str | None:
     if not (getattr(sd_model, "is_sd1", False) or getattr(sd_model, "is_sdxl", False)):
         return "the loaded checkpoint is neither SD1.x nor SDXL (SD2 and SD3 LoRA training is not supported)"
     if sd_model.model.diffusion_model.input_blocks[0][0].in_channels != 4:
-        return "the loaded checkpoint is an inpainting (or other non-4-channel) model: load a plain SD1.x one"
+        return "the loaded checkpoint is an inpainting (or other non-4-channel) model: load a plain SD1.x or SDXL one"
     if any(getattr(m, "network_current_names", ()) for m in sd_model.modules()):
         return (
             "the WebUI still has a LoRA merged into the model from the last generation: generate once with no "
