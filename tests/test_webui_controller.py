@@ -26,13 +26,13 @@ from lib_anydressing.engine import (
     ModelInfo,
     save_checkpoint,
 )
+from lib_anydressing.generation.infotext import pasted
 from lib_anydressing.generation.model_files import TRAINING_FREE
 from lib_anydressing.generation.options import from_api, from_script_args, script_arg_names
 from lib_anydressing.sd.architectures import TINY_VAE, build_autoencoder
 from lib_anydressing.sd.random_models import reinitialise
 from lib_anydressing.sd.vae import posterior_mean
 from lib_anydressing.webui.controller import Controller
-from lib_anydressing.webui.infotext import pasted
 
 from conftest import LATENT
 

@@ -8,9 +8,9 @@ from typing import Any
 import gradio as gr
 
 from ..garments import CATEGORIES
+from ..generation.infotext import pasted
 from ..generation.model_files import TRAINING_FREE, describe_model, list_models
 from ..generation.options import DressingArgs, GarmentArgs, option, script_arg_names
-from .infotext import pasted
 
 
 def model_choices(dirs) -> list[str]:

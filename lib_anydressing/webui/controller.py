@@ -27,13 +27,13 @@ from ..engine import AnyDressingModel, CheckpointError, GarmentsNet, load_checkp
 from ..engine.unet_layers import input_channels
 from ..files.images import ImageInputError
 from ..generation.garment_guidance import GarmentGuidance
+from ..generation.infotext import PREFIX, PROBLEMS, infotext
 from ..generation.model_files import TRAINING_FREE, resolve_model, short_hash
 from ..generation.options import DressingOptions
 from ..generation.prepare import FeatureCache
 from ..generation.session import DressingSession, HostContext
 from . import forge
 from .forge import is_forge, unet_of
-from .infotext import PREFIX, PROBLEMS, infotext
 
 log = logging.getLogger("anydressing")
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from ..garments import CATEGORIES
-from ..generation.model_files import TRAINING_FREE, TRAINING_FREE_NAMES
-from ..generation.options import DressingArgs, DressingOptions, option
-from ..generation.prepare import image_digest
+from .model_files import TRAINING_FREE, TRAINING_FREE_NAMES
+from .options import DressingArgs, DressingOptions, option
+from .prepare import image_digest
 
 PREFIX = "AnyDressing"
 PROBLEMS = f"{PREFIX} problems"  # why a generation went on without dressing; not pasted back
