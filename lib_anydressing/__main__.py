@@ -10,6 +10,8 @@ from pathlib import Path
 from .anydressing_trainer import bench as bench_train
 from .anydressing_trainer import builder as build_dataset
 from .anydressing_trainer import cli as train
+from .batch import bench as bench_batch
+from .batch import cli as dress_batch
 from .cli import bench, demo, selftest
 from .convert import cli as convert
 from .evaluation import cli as evaluation
@@ -47,6 +49,8 @@ COMMANDS = (
     ("build-dataset", build_dataset, "turn photos + garment images into an AnyDressing training set"),
     ("train", train, "train an AnyDressing model (GarmentsNet, GFE LoRAs, Dressing-Attention)"),
     ("bench-train", bench_train, "AnyDressing training speed and memory, with and without gradient checkpointing"),
+    ("dress-batch", dress_batch, "dress a catalog from a JSONL manifest, resumable, in this process or on Ray"),
+    ("bench-batch", bench_batch, "batch throughput on the demo model: in this process and through a local Ray cluster"),
     ("eval", evaluation, "CLIP-T / CLIP-I / CLIP-AS / CLIP-I* of generated images, as in the paper's Table 1"),
 )
 

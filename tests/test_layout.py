@@ -15,7 +15,7 @@ LAYERS = [  # lowest first; the same map as the package docstring
     {"sd"},
     {"engine", "segment", "training"},
     {"generation", "anydressing_trainer", "garment_lora", "evaluation", "convert"},
-    {"tabs", "cli"},
+    {"tabs", "cli", "batch"},
     {"webui"},
 ]
 LAYER_OF = {name: i for i, layer in enumerate(LAYERS) for name in layer}

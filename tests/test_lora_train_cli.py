@@ -9,19 +9,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from support.checkpoints import write_tiny_checkpoint
 
 from lib_anydressing.garment_lora import cli
-from lib_anydressing.sd.checkpoint import original_state_dict
-from lib_anydressing.sd.random_models import tiny_stable_diffusion
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    model = tiny_stable_diffusion(seed=4)
-    save_file({k: v.contiguous() for k, v in original_state_dict(model).items()}, str(root / "tiny.safetensors"))
-    model.tokenizer.save_pretrained(str(root / "tokenizer"))
+    write_tiny_checkpoint(root)
     data = root / "data"
     data.mkdir()
     rng = np.random.default_rng(1)
