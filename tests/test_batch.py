@@ -6,7 +6,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from lib_anydressing.__main__ import main as cli
 from lib_anydressing.batch import outputs
 from lib_anydressing.batch.jobs import read_manifest, tasks_in_order
 from lib_anydressing.batch.model import ModelSpec
+from lib_anydressing.batch.ray_pool import DressWorker
 from lib_anydressing.batch.runner import BatchRunner
 from lib_anydressing.generation.infotext import pasted
 
@@ -200,24 +203,60 @@ def test_bench_batch_counts_one_feature_pass_per_set(capsys):
     assert result["images_per_s"] > 0
 
 
-@pytest.mark.slow
-def test_a_local_ray_cluster_gives_the_same_images(spec, tmp_path):
+@pytest.fixture(scope="module")
+def local_ray():
     ray = pytest.importorskip("ray")
-    from lib_anydressing.batch.ray_pool import run_on_ray
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
 
-    jobs, _ = read_manifest(_manifest(tmp_path, _six_jobs()))
+
+@pytest.fixture(scope="module")
+def local_images(spec, tmp_path_factory):
+    """The six jobs' images rendered in this process, on one thread as each Ray actor runs."""
+    jobs, _ = read_manifest(_manifest(tmp_path_factory.mktemp("jobs"), _six_jobs()))
     tasks = tasks_in_order(jobs)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the actors run on one thread each: the same float sums as here
+    torch.set_num_threads(1)  # the same float sums as the actors'
     try:
-        local = {r.key: r.png for r in BatchRunner(spec.load(), batch_size=2).run(tasks)}
+        return tasks, {r.key: r.png for r in BatchRunner(spec.load(), batch_size=2).run(tasks)}
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_a_local_ray_cluster_gives_the_same_images(spec, local_ray, local_images):
+    from lib_anydressing.batch.ray_pool import run_on_ray
+
+    tasks, local = local_images
     remote = []
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        passes = run_on_ray(spec, tasks, remote.append, workers=2, batch_size=2, threads=1)
-    finally:
-        ray.shutdown()
-    assert passes == 2
+    passes = run_on_ray(spec, tasks, remote.append, workers=2, batch_size=2, threads=1)
+    assert passes == 2  # each set's features once, on whichever actor rendered it
+    assert {r.key: r.png for r in remote} == local
+
+
+class DiesOnce(DressWorker):
+    """An actor whose process ends in the middle of its first set (a node lost, an OOM kill)."""
+
+    marker = ""  # a file: the first actor to run writes it and dies
+
+    def run(self, tasks):
+        if not Path(self.marker).exists():
+            Path(self.marker).write_text(tasks[0].key)
+            os._exit(1)
+        return super().run(tasks)
+
+
+@pytest.mark.slow
+def test_a_lost_actor_leaves_its_set_to_another(spec, local_ray, local_images, tmp_path):
+    from lib_anydressing.batch.ray_pool import run_on_ray
+
+    local_ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors cannot import this file
+    tasks, local = local_images
+    marker = tmp_path / "died"
+    DiesOnce.marker = str(marker)
+    remote = []
+    run_on_ray(spec, tasks, remote.append, workers=2, batch_size=2, threads=1, worker=DiesOnce)
+    assert marker.exists()  # an actor did die mid-set
+    assert [r.record["status"] for r in remote] == ["ok"] * 6
     assert {r.key: r.png for r in remote} == local

@@ -48,10 +48,10 @@ def garment_sets(tasks: list[Task]) -> list[list[Task]]:
 
 def run_on_ray(
     spec: ModelSpec, tasks: list[Task], on_result: Callable[[Rendered], None], *, address: str | None = None,
-    workers: int = 0, batch_size: int = 4, threads: int | None = None,
+    workers: int = 0, batch_size: int = 4, threads: int | None = None, worker: type = DressWorker,
 ) -> int:  # fmt: skip
-    """Render `tasks` on a Ray cluster (`address`: join it; None: start one on this machine). Returns the
-    GarmentsNet passes run."""
+    """Render `tasks` on a Ray cluster (`address`: join it; None: start one on this machine, or join the one
+    `ray start` runs here). Returns the GarmentsNet passes run. `worker`: the actor class (DressWorker)."""
     try:
         import ray
     except ImportError:
@@ -60,23 +60,18 @@ def run_on_ray(
     if started:
         ray.init(address=address, runtime_env={"env_vars": {"PYTHONPATH": _python_path()}}, log_to_driver=False)
     try:
-        return _schedule(ray, spec, garment_sets(tasks), on_result, workers, batch_size, threads)
+        actor_class = ray.remote(num_gpus=1 if ray.cluster_resources().get("GPU") else 0, num_cpus=1)(worker)
+        return _schedule(ray, lambda: actor_class.remote(spec, batch_size, threads), garment_sets(tasks), on_result,
+                         workers)  # fmt: skip
     finally:
         if started:
             ray.shutdown()
 
 
 def _schedule(
-    ray: Any, spec: ModelSpec, sets: list[list[Task]], on_result: Callable[[Rendered], None], workers: int,
-    batch_size: int, threads: int | None,
-) -> int:  # fmt: skip
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    count = max(1, workers or gpus or 1)
-    actor_class = ray.remote(num_gpus=1 if gpus else 0, num_cpus=1)(DressWorker)
-
-    def new_actor() -> Any:
-        return actor_class.remote(spec, batch_size, threads)
-
+    ray: Any, new_actor: Callable[[], Any], sets: list[list[Task]], on_result: Callable[[Rendered], None], workers: int
+) -> int:
+    count = max(1, workers or int(ray.cluster_resources().get("GPU", 0)) or 1)
     idle = [new_actor() for _ in range(min(count, max(len(sets), 1)))]
     queue = deque((tasks, 1) for tasks in sets)
     running: dict[Any, tuple[Any, list[Task], int]] = {}
