@@ -260,3 +260,10 @@ def test_a_lost_actor_leaves_its_set_to_another(spec, local_ray, local_images, t
     assert marker.exists()  # an actor did die mid-set
     assert [r.record["status"] for r in remote] == ["ok"] * 6
     assert {r.key: r.png for r in remote} == local
+
+
+def test_the_readme_example_manifest_reads_without_problems():
+    jobs, bad = read_manifest(Path(__file__).parents[1] / "docs" / "batch-example.jsonl")
+    assert not bad and len(jobs) == 3 and sum(len(j.seeds) for j in jobs) == 4
+    assert all(Path(g["image"]).is_file() for j in jobs for g in j.garments)
+    assert len({j.garment_set() for j in jobs}) == 2
