@@ -21,6 +21,7 @@ from ..generation.infotext import infotext
 from ..generation.options import DressingOptions, from_values
 from ..generation.prepare import FeatureCache
 from ..generation.session import DressingSession, HostContext
+from ..sd.checkpoint import StableDiffusion
 from ..sd.sampling import guidance_layout
 from .jobs import Task
 from .model import BatchModel
@@ -70,10 +71,11 @@ class BatchRunner:
         noise, generators = initial_noise([t.seed for t in tasks], (sd.unet.in_channels, *latent_hw))
         noise = noise.to(model.device, model.dtype)
         copies, _ = guidance_layout(len(tasks), opts.garment_guidance)
+        size_hw = (job.height, job.width)
         with torch.no_grad():
-            cond = sd.encode_text([t.job.prompt for t in tasks])
-            uncond = sd.encode_text([job.negative_prompt] * len(tasks))
-        context = torch.cat([cond, *[uncond] * (copies - 1)])  # the garments-only rows read the negative prompt
+            cond = sd.unet_conditioning([t.job.prompt for t in tasks], size_hw)
+            uncond = _negative(sd, [job.negative_prompt] * len(tasks), size_hw)
+        rows = {k: torch.cat([cond[k], *[uncond[k]] * (copies - 1)]) for k in cond}  # garments-only rows: negative
         session, notes, features = None, [], None
         if opts.slots:
             session = DressingSession(model.dressing, opts)
@@ -86,7 +88,7 @@ class BatchRunner:
             if session is not None:
                 session.install(sd.unet)
             latents = sample(
-                lambda x, t: sd.unet(x, t, context=context), noise, generators, sampler=job.sampler,
+                lambda x, t: sd.unet(x, t, **rows), noise, generators, sampler=job.sampler,
                 prediction=sd.prediction, steps=job.steps, cfg_scale=job.cfg_scale,
                 garment_guidance=opts.garment_guidance,
                 on_step=None if session is None else (lambda i, n: session.on_step(i, n, n_cond)),
@@ -104,7 +106,7 @@ class BatchRunner:
         sd = self.model.sd
         if self._empty_prompt is None:
             with torch.no_grad():
-                self._empty_prompt = sd.encode_text([""])
+                self._empty_prompt = sd.unet_conditioning([""], (512, 512))["context"]
         return HostContext(self.model.device, self.model.dtype, sd.encode_images, self._empty_prompt)
 
     def _parameters(self, task: Task, opts: DressingOptions, strength: float | None) -> str:
@@ -123,6 +125,13 @@ class BatchRunner:
         if opts.slots and strength is not None:
             entries.update(infotext(opts, self.model.dressing_label, strength))
         return parameters_text(job.prompt, job.negative_prompt, entries)
+
+
+def _negative(sd: StableDiffusion, prompts: list[str], size_hw: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """The negative rows' conditioning; on SDXL an all-empty negative prompt is zeros, as A1111 gives it."""
+    if sd.is_sdxl and not any(prompts):
+        return sd.conditioner(prompts, size_hw, zero_text=True)
+    return sd.unet_conditioning(prompts, size_hw)
 
 
 def dressing_options(task: Task) -> DressingOptions:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pickle
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
@@ -49,3 +50,39 @@ def load_tensors(
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise error(f"'{path.name}' is not a flat dictionary of tensors")
     return dict(obj)
+
+
+class TensorReader:
+    """A weights file's tensors read one at a time: a .safetensors file is mapped, not loaded, so a model of
+    several GB can be filled without a second copy in memory; a plain dict (a loaded pickle) works the same."""
+
+    def __init__(self, tensors: dict[str, Tensor] | None = None, *, safetensors_path: Path | None = None) -> None:
+        self._dict = tensors
+        self._file = safe_open(str(safetensors_path), "pt") if safetensors_path is not None else None
+
+    def keys(self) -> list[str]:
+        return list(self._dict) if self._dict is not None else list(self._file.keys())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        if self._dict is not None:
+            return tuple(self._dict[key].shape)
+        return tuple(self._file.get_slice(key).get_shape())
+
+    def get(self, key: str) -> Tensor:
+        return self._dict[key] if self._dict is not None else self._file.get_tensor(key)
+
+
+def open_tensors(
+    path: str | Path, *, error: type[WeightsFileError] = WeightsFileError, wrappers: tuple[str, ...] = ()
+) -> TensorReader:
+    """`load_tensors`, read lazily where the format allows (.safetensors); the same checks and messages."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return TensorReader(load_tensors(path, error=error, wrappers=wrappers))
+    try:
+        return TensorReader(safetensors_path=path)
+    except (SafetensorError, OSError) as e:
+        raise error(f"'{path.name}' is not a readable safetensors file: {e}") from e

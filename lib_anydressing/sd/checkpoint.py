@@ -20,9 +20,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..files.weights import load_tensors
+from ..files.weights import TensorReader, open_tensors
 from .architectures import SD15_UNET, TINY_VAE, SDCheckpointError, build_autoencoder
 from .sampling import sd_alphas_cumprod
+from .sdxl import SDXL_LATENT_SCALE, is_sdxl, load_sdxl, sdxl_unet_config
 from .tokenizer import find_clip_tokenizer, tokenizer_from_folder
 from .vae import posterior_moments
 
@@ -127,7 +128,11 @@ def load_sd_checkpoint(
     Raises SDCheckpointError naming the problem (SDXL, SD2, inpainting, not a checkpoint, corrupt).
     """
     path = Path(path)
-    tensors = load_tensors(path, error=SDCheckpointError, wrappers=("state_dict",))
+    reader = open_tensors(path, error=SDCheckpointError, wrappers=("state_dict",))
+    if is_sdxl(reader):
+        return _sdxl_model(path, reader, tokenizer, prediction, dtype).to(device)
+    tensors = {k: reader.get(k) for k in reader}
+    del reader
     _check_kind(path.name, tensors)
     parts = {
         prefix: {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -139,19 +144,41 @@ def load_sd_checkpoint(
     vae = _load(path.name, "VAE", _build_vae(parts[VAE_PREFIX]), parts[VAE_PREFIX], ignore=("loss.",))
     text_encoder = _build_text_encoder(text_state)
     text_encoder = _load(path.name, "text encoder", text_encoder, text_state, ignore=("position_ids",))
-    if isinstance(tokenizer, str | Path):
-        tokenizer = tokenizer_from_folder(Path(tokenizer))
     model = StableDiffusion(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
-        tokenizer=tokenizer if tokenizer is not None else find_clip_tokenizer(),
+        tokenizer=_tokenizer(tokenizer),
         prediction=prediction or _prediction_from_yaml(path),
     )
     vocab = text_encoder.config.vocab_size
     if len(model.tokenizer) > vocab:
         raise SDCheckpointError(f"the tokenizer has {len(model.tokenizer)} tokens, the text encoder only {vocab}")
     return model.to(device, dtype)
+
+
+def _tokenizer(tokenizer: Any) -> Any:
+    """A tokenizer given, or from a folder given, or the one on disk (checked after the weights: a wrong file is
+    named before a missing tokenizer)."""
+    if isinstance(tokenizer, str | Path):
+        return tokenizer_from_folder(Path(tokenizer))
+    return tokenizer if tokenizer is not None else find_clip_tokenizer()
+
+
+def _sdxl_model(
+    path: Path, reader: TensorReader, tokenizer: Any, prediction: str | None, dtype: torch.dtype
+) -> StableDiffusion:
+    sdxl_unet_config(path.name, {k: reader.shape(k) for k in reader})  # a wrong file named before the tokenizer
+    tokenizer = _tokenizer(tokenizer)
+    parts = load_sdxl(reader, path.name, tokenizer, dtype)
+    text = parts["text"]
+    if len(tokenizer) > text.clip_l.config.vocab_size:
+        raise SDCheckpointError(f"the tokenizer has {len(tokenizer)} tokens, the text encoder only "
+                                f"{text.clip_l.config.vocab_size}")  # fmt: skip
+    return StableDiffusion(
+        unet=parts["unet"], vae=parts["vae"], text_encoder=text, tokenizer=tokenizer,
+        prediction=prediction or _prediction_from_yaml(path), latent_scale=SDXL_LATENT_SCALE, conditioner=text,
+    )  # fmt: skip
 
 
 def original_state_dict(model: StableDiffusion) -> dict[str, Tensor]:
@@ -167,11 +194,6 @@ def original_state_dict(model: StableDiffusion) -> dict[str, Tensor]:
 
 def _check_kind(name: str, tensors: dict[str, Tensor]) -> None:
     keys = tensors.keys()
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise SDCheckpointError(
-            f"'{name}' is an SDXL checkpoint: headless training reads SD1.x files only; train an SDXL garment LoRA "
-            "in the WebUI's tab with the checkpoint loaded"
-        )
     if any(k.startswith("cond_stage_model.model.") for k in keys):
         raise SDCheckpointError(f"'{name}' is an SD2.x checkpoint (OpenCLIP text encoder); SD1.x only")
     if not any(k.startswith(UNET_PREFIX) for k in keys):
@@ -244,13 +266,24 @@ def _build_unet(state: dict[str, Tensor]) -> nn.Module:
 
 
 def _build_vae(state: dict[str, Tensor]) -> nn.Module:
-    ch = _need("VAE", state, "encoder.conv_in.weight").shape[0]
-    levels = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.down."))
-    res_blocks = 1 + max(int(k.split(".")[4]) for k in state if k.startswith("encoder.down.0.block."))
-    mult = [_need("VAE", state, f"encoder.down.{i}.block.0.conv1.weight").shape[0] // ch for i in range(levels)]
-    z_channels = _need("VAE", state, "decoder.conv_in.weight").shape[1]
+    config, embed_dim = vae_config({k: tuple(v.shape) for k, v in state.items()})
+    return build_autoencoder(config, embed_dim=embed_dim)
+
+
+def vae_config(shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, Any], int]:
+    """(ldm AutoencoderKL config, embed_dim) from the VAE's tensor shapes (SD1.x and SDXL share the layout)."""
+    for key in ("encoder.conv_in.weight", "decoder.conv_in.weight", "post_quant_conv.weight"):
+        if key not in shapes:
+            raise SDCheckpointError(
+                f"the checkpoint lacks {VAE_PREFIX}{key}: not a complete checkpoint, or a corrupt one"
+            )
+    ch = shapes["encoder.conv_in.weight"][0]
+    levels = 1 + max(int(k.split(".")[2]) for k in shapes if k.startswith("encoder.down."))
+    res_blocks = 1 + max(int(k.split(".")[4]) for k in shapes if k.startswith("encoder.down.0.block."))
+    mult = [shapes[f"encoder.down.{i}.block.0.conv1.weight"][0] // ch for i in range(levels)]
+    z_channels = shapes["decoder.conv_in.weight"][1]
     config = {**TINY_VAE, "ch": ch, "ch_mult": mult, "num_res_blocks": res_blocks, "z_channels": z_channels}
-    return build_autoencoder(config, embed_dim=_need("VAE", state, "post_quant_conv.weight").shape[1])
+    return config, shapes["post_quant_conv.weight"][1]
 
 
 def _build_text_encoder(state: dict[str, Tensor]) -> nn.Module:
