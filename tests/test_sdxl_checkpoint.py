@@ -127,3 +127,35 @@ def test_dress_batch_renders_an_sdxl_file(sdxl_file, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     assert code == 0 and [r["status"] for r in records] == ["ok", "ok"], records
     assert (tmp_path / "out" / "xl-1.png").read_bytes() != (tmp_path / "out" / "xl-2.png").read_bytes()
+
+
+def test_train_lora_headless_on_an_sdxl_file(sdxl_file, tmp_path, capsys):
+    """train-lora reads the SDXL file itself now: a UNet LoRA under kohya's SDXL names, the 512 px run noted."""
+    import argparse
+
+    import numpy as np
+    from PIL import Image
+    from safetensors import safe_open
+
+    from lib_anydressing.garment_lora import cli as train_lora
+
+    path, _ = sdxl_file
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(2):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text("red shirt")
+    config = {"checkpoint": str(path), "tokenizer": str(path.parent / "tokenizer"), "device": "cpu",
+              "dataset_dir": str(data), "output_dir": str(tmp_path / "out"), "name": "xl_shirt", "resolution": 64,
+              "rank": 2, "epochs": 1}  # fmt: skip
+    (tmp_path / "cfg.toml").write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in config.items()))
+    parser = argparse.ArgumentParser()
+    train_lora.add_arguments(parser)
+    assert train_lora.main(parser.parse_args(["--config", str(tmp_path / "cfg.toml")])) == 0
+    out = capsys.readouterr().out
+    assert "1024" in out  # SDXL trained below its resolution: said, not refused
+    with safe_open(str(tmp_path / "out" / "xl_shirt.safetensors"), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert keys and all(k.startswith("lora_unet_") for k in keys)
+    assert any(k.startswith("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q") for k in keys)
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
