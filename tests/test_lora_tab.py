@@ -218,3 +218,12 @@ def test_standalone_trains_from_a_checkpoint_file_and_a_tokenizer_folder(tmp_pat
     message = _run(job, host, settings)
     assert message.startswith("✅ Saved") and (tmp_path / "out" / "tiny_shirt.safetensors").is_file(), message
     assert _run(job, host, {**settings, "checkpoint": ""}).endswith("give the path of an SD1.x checkpoint to train on")
+
+
+def test_presets_set_the_resolution_and_fall_back_to_fp32_without_cuda():
+    from lib_anydressing.tabs.lora_tab import TrainingControls
+
+    on_gpu, on_cpu = TrainingControls(None, [], cuda=True), TrainingControls(None, [], cuda=False)
+    assert on_gpu.preset("SDXL 12 GB") == (1, "bf16", True, 1024)  # SDXL's VAE overflows in fp16
+    assert on_gpu.preset("8 GB") == (1, "fp16", True, 512)
+    assert on_cpu.preset("SDXL 16+ GB") == (2, "fp32", True, 1024)

@@ -74,12 +74,21 @@ RESUME_KEYS = (
     "reg_repeats",
 )
 
-# Settings by GPU memory, for SD1.5 at 512x512 (the rest of TrainConfig keeps its defaults).
+# Settings by GPU memory (the rest of TrainConfig keeps its defaults). SD1.x at 512x512. SDXL at 1024x1024 in
+# bf16: its VAE overflows in fp16 (kohya's --no_half_vae), and the 12 GB target (RTX 3060) has bf16; batch 1 on
+# 12 GB. Every preset keeps the default optimizer, 8-bit AdamW when bitsandbytes is installed.
 PRESETS: dict[str, dict[str, object]] = {
-    "8 GB": {"batch_size": 1, "mixed_precision": "fp16", "gradient_checkpointing": True, "cache_latents": True},
-    "12 GB": {"batch_size": 2, "mixed_precision": "fp16", "gradient_checkpointing": True, "cache_latents": True},
-    "16+ GB": {"batch_size": 2, "mixed_precision": "fp16", "gradient_checkpointing": False, "cache_latents": True},
-}
+    "8 GB": {"batch_size": 1, "mixed_precision": "fp16", "gradient_checkpointing": True, "cache_latents": True,
+             "resolution": 512},
+    "12 GB": {"batch_size": 2, "mixed_precision": "fp16", "gradient_checkpointing": True, "cache_latents": True,
+              "resolution": 512},
+    "16+ GB": {"batch_size": 2, "mixed_precision": "fp16", "gradient_checkpointing": False, "cache_latents": True,
+               "resolution": 512},
+    "SDXL 12 GB": {"batch_size": 1, "mixed_precision": "bf16", "gradient_checkpointing": True, "cache_latents": True,
+                   "resolution": 1024},
+    "SDXL 16+ GB": {"batch_size": 2, "mixed_precision": "bf16", "gradient_checkpointing": True, "cache_latents": True,
+                    "resolution": 1024},
+}  # fmt: skip
 
 
 class TrainConfig(Settings):

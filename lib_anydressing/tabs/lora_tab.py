@@ -149,7 +149,7 @@ def _wire(ui: LoraLayout, importer: DatasetImport, training: "TrainingControls")
     ):  # fmt: skip
         button.click(edit, [d.dataset_dir, c.tag, c.new_tag, c.selected], [c.note, c.caption, *ui.dataset_views],
                      queue=False)  # fmt: skip
-    s.preset.change(training.preset, [s.preset], [s.batch, s.precision, s.checkpointing], queue=False)
+    s.preset.change(training.preset, [s.preset], [s.batch, s.precision, s.checkpointing, s.resolution], queue=False)
     d.shape.change(_buckets_for, [d.shape], [s.buckets], queue=False)
     run.start.click(training.start, list(ui.training_inputs().values()), run.views)
     run.watch.click(training.poll, None, run.views)
@@ -171,11 +171,11 @@ class TrainingControls:
         self.names = names
         self.cuda = cuda
 
-    def preset(self, which: str) -> tuple[int, str, bool]:
-        """A VRAM preset's batch size, precision (fp32 without CUDA) and gradient checkpointing."""
+    def preset(self, which: str) -> tuple[int, str, bool, int]:
+        """A VRAM preset's batch size, precision (fp32 without CUDA), gradient checkpointing and resolution."""
         values = PRESETS[which]
         wanted = values["mixed_precision"] if self.cuda else "fp32"
-        return values["batch_size"], wanted, values["gradient_checkpointing"]
+        return values["batch_size"], wanted, values["gradient_checkpointing"], values["resolution"]
 
     def start(self, *values: Any) -> Iterator[list]:
         """Start a run with the settings' values, then follow it; refused while one runs."""

@@ -255,7 +255,8 @@ def _train_target(lora_dir: Path, loaded_model: bool) -> TrainTarget:
 
 def _train_settings(cuda: bool) -> TrainSettings:
     with gr.Row():
-        preset = gr.Radio(list(PRESETS), value="12 GB", label="VRAM preset (sets batch, precision, checkpointing)")
+        says = "VRAM preset (sets batch, precision, checkpointing, resolution)"
+        preset = gr.Radio(list(PRESETS), value="12 GB", label=says)
         rank = gr.Slider(1, 128, 16, step=1, label="Rank (dim)")
         alpha = gr.Slider(1, 128, 8, step=1, label="Alpha")
         network = gr.Radio(list(NETWORKS), value="lora", label="Network (locon, loha, lokr: lycoris-lora package)",
