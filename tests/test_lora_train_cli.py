@@ -112,3 +112,14 @@ def test_bench_lora_compares_a_lycoris_network_with_plain_lora_in_the_same_run(c
     assert result["network_ratio"] == pytest.approx(
         result["sec_per_step_plain"] / result["sec_per_step_lora"], abs=2e-3
     )
+
+
+@pytest.mark.slow
+def test_bench_lora_on_sdxl_topology_trains_with_the_pooled_inputs(capsys):
+    from lib_anydressing.__main__ import main
+
+    args = ["bench-lora", "--json", "--arch", "sdxl", "--model-channels", "32", "--resolution", "64", "--steps", "1"]
+    assert main([*args, "--rank", "2"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["arch"] == "sdxl" and result["resolution"] == 64
+    assert result["sec_per_step_plain"] > 0 and result["sec_per_step_savers"] > 0

@@ -1,9 +1,10 @@
 """`python -m lib_anydressing bench-lora`: garment LoRA training speed and memory, with and without the savers.
 
-Both runs go through the real trainer in the same process, on an SD1.5-shaped UNet and an SD-shaped
-VAE with random weights, batch 1: "plain" encodes the image with the VAE every step and uses
-AdamW; "savers" caches the latents, checkpoints the UNet's blocks and uses 8-bit AdamW when
-bitsandbytes is installed (CUDA). Text embeddings are cached in both (the text encoder is frozen).
+Both runs go through the real trainer in the same process, on an SD1.5-shaped (or with --arch sdxl an
+SDXL-shaped, both text towers at SDXL's widths) UNet and an SD-shaped VAE with random weights, batch 1:
+"plain" encodes the image with the VAE every step and uses AdamW; "savers" caches the latents, checkpoints
+the UNet's blocks and uses 8-bit AdamW when bitsandbytes is installed (CUDA). Text embeddings are cached in
+both (the text encoder is frozen).
 On CUDA the runs use fp16 and report peak memory. --model-channels / --resolution shrink the model
 for a quick CPU run. `--network locon|loha|lokr` trains that LyCORIS type in both runs and adds a plain
 LoRA run, so `network_ratio` compares the two in the same process.
@@ -22,13 +23,14 @@ import torch
 from PIL import Image
 
 from ..files.bench_output import print_result
-from ..sd.random_models import sd15_shaped
+from ..sd.random_models import sd15_shaped, sdxl_shaped
 from .kohya_lora import NETWORKS
 from .trainer import Progress, TrainConfig, train_lora
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--arch", choices=("sd15", "sdxl"), default="sd15", help="UNet topology (and text inputs)")
+    parser.add_argument("--resolution", type=int, default=None, help="default: 512 (sd15), 1024 (sdxl)")
     parser.add_argument("--model-channels", type=int, default=320, help="UNet width (320 = SD1.5)")
     parser.add_argument("--steps", type=int, default=6, help="timed steps per run (after 2 warm-up steps)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -39,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     result = run_bench(
-        resolution=args.resolution,
+        arch=args.arch,
+        resolution=args.resolution or (1024 if args.arch == "sdxl" else 512),
         model_channels=args.model_channels,
         steps=args.steps,
         device=torch.device(args.device),
@@ -51,13 +54,14 @@ def main(args: argparse.Namespace) -> int:
 
 
 def run_bench(
-    *, resolution: int = 512, model_channels: int = 320, steps: int = 6, device: torch.device, rank: int = 16,
-    network: str = "lora",
+    *, arch: str = "sd15", resolution: int = 512, model_channels: int = 320, steps: int = 6, device: torch.device,
+    rank: int = 16, network: str = "lora",
 ) -> dict[str, object]:  # fmt: skip
     cuda = device.type == "cuda"
     dtype = torch.float16 if cuda else torch.float32
-    model = sd15_shaped(model_channels).to(device, dtype)
+    model = (sdxl_shaped if arch == "sdxl" else sd15_shaped)(model_channels).to(device, dtype)
     result: dict[str, object] = {
+        "arch": arch,
         "device": str(device),
         "resolution": resolution,
         "model_channels": model_channels,

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architectures import SD15_TEXT, SD15_UNET, SD_VAE, TINY_TEXT, TINY_UNET, TINY_VAE, build_autoencoder
+from .architectures import SD15_TEXT, SD15_UNET, SD_VAE, SDXL_UNET, TINY_TEXT, TINY_UNET, TINY_VAE, build_autoencoder
 from .checkpoint import StableDiffusion
 from .tokenizer import tiny_clip_tokenizer
 
@@ -127,4 +127,30 @@ def sd15_shaped(model_channels: int = 320, vae_channels: int = 128, seed: int = 
     return random_stable_diffusion(
         unet={**SD15_UNET, "model_channels": model_channels}, vae={**SD_VAE, "ch": vae_channels}, text=SD15_TEXT,
         seed=seed,
+    )  # fmt: skip
+
+
+def sdxl_shaped(model_channels: int = 320, vae_channels: int = 128, seed: int = 0) -> StableDiffusion:
+    """The benches' SDXL: SDXL's UNet topology (at this width), SD's VAE shape, and both text towers at SDXL's
+    widths (CLIP-L 768, bigG 1280 with its 1280 projection) with one layer each: their outputs are cached."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .sdxl import SDXL_LATENT_SCALE, SdxlText
+
+    tokenizer = tiny_clip_tokenizer()
+    torch.manual_seed(seed)
+    clip_l = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_act="quick_gelu", **SD15_TEXT))
+    g_sizes = {**SD15_TEXT, "hidden_size": 1280, "intermediate_size": 5120, "num_attention_heads": 20}
+    clip_g = CLIPTextModelWithProjection(
+        CLIPTextConfig(vocab_size=len(tokenizer), hidden_act="gelu", projection_dim=1280, **g_sizes)
+    )
+    for i, module in enumerate((clip_l, clip_g)):
+        reinitialise(module, seed=seed + 3 + i)
+    text = SdxlText(clip_l, clip_g, tokenizer).eval().requires_grad_(False)
+    vae = build_autoencoder({**SD_VAE, "ch": vae_channels}, embed_dim=4)
+    reinitialise(vae, seed=seed + 2)
+    return StableDiffusion(
+        unet=build_unet({**SDXL_UNET, "model_channels": model_channels}, seed=seed),
+        vae=vae.eval().requires_grad_(False), text_encoder=text, tokenizer=tokenizer,
+        latent_scale=SDXL_LATENT_SCALE, conditioner=text,
     )  # fmt: skip
