@@ -129,8 +129,10 @@ def test_dress_batch_renders_an_sdxl_file(sdxl_file, tmp_path):
     assert (tmp_path / "out" / "xl-1.png").read_bytes() != (tmp_path / "out" / "xl-2.png").read_bytes()
 
 
-def test_train_lora_headless_on_an_sdxl_file(sdxl_file, tmp_path, capsys):
-    """train-lora reads the SDXL file itself now: a UNet LoRA under kohya's SDXL names, the 512 px run noted."""
+@pytest.mark.parametrize("text_encoder", [False, True])
+def test_train_lora_headless_on_an_sdxl_file(sdxl_file, tmp_path, capsys, text_encoder):
+    """train-lora reads the SDXL file itself: a UNet LoRA under kohya's SDXL names (the run under 1024 px noted),
+    and with train_text_encoder both encoders' LoRAs, lora_te1_ (CLIP-L) and lora_te2_ (bigG), trained."""
     import argparse
 
     import numpy as np
@@ -139,7 +141,7 @@ def test_train_lora_headless_on_an_sdxl_file(sdxl_file, tmp_path, capsys):
 
     from lib_anydressing.garment_lora import cli as train_lora
 
-    path, _ = sdxl_file
+    path, original = sdxl_file
     data = tmp_path / "data"
     data.mkdir()
     for i in range(2):
@@ -147,15 +149,24 @@ def test_train_lora_headless_on_an_sdxl_file(sdxl_file, tmp_path, capsys):
         (data / f"{i}.txt").write_text("red shirt")
     config = {"checkpoint": str(path), "tokenizer": str(path.parent / "tokenizer"), "device": "cpu",
               "dataset_dir": str(data), "output_dir": str(tmp_path / "out"), "name": "xl_shirt", "resolution": 64,
-              "rank": 2, "epochs": 1}  # fmt: skip
+              "rank": 2, "epochs": 2, "train_text_encoder": text_encoder, "text_encoder_lr": 1e-2}  # fmt: skip
     (tmp_path / "cfg.toml").write_text("\n".join(f"{k} = {json.dumps(v)}" for k, v in config.items()))
     parser = argparse.ArgumentParser()
     train_lora.add_arguments(parser)
     assert train_lora.main(parser.parse_args(["--config", str(tmp_path / "cfg.toml")])) == 0
-    out = capsys.readouterr().out
-    assert "1024" in out  # SDXL trained below its resolution: said, not refused
+    assert "1024" in capsys.readouterr().out  # SDXL trained below its resolution: said, not refused
     with safe_open(str(tmp_path / "out" / "xl_shirt.safetensors"), "pt") as f:
-        keys, meta = list(f.keys()), f.metadata()
-    assert keys and all(k.startswith("lora_unet_") for k in keys)
-    assert any(k.startswith("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q") for k in keys)
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()  # noqa: SIM118
+    bases = {k.partition(".")[0] for k in tensors}
+    assert any(b.startswith("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q") for b in bases)
     assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert meta["ss_network_train_unet_only"] == str(not text_encoder)
+    text = {b for b in bases if b.startswith("lora_te")}
+    if not text_encoder:
+        assert not text
+        return
+    layers = {"lora_te1_": original["clip_l"].config.num_hidden_layers, "lora_te2_": 3}
+    for prefix, n in layers.items():  # 6 Linears per layer: q, k, v, out, fc1, fc2
+        assert len({b for b in text if b.startswith(prefix)}) == 6 * n
+    trained = [tensors[f"{b}.lora_up.weight"].abs().max() for b in text if b.startswith("lora_te2_")]
+    assert max(trained) > 0  # bigG's LoRA learnt through the conditioning (lora_up starts at zero)

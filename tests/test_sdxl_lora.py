@@ -163,6 +163,29 @@ def test_sdxl_keys_convert_with_diffusers_kohya_rules():
 def test_an_sdxl_text_encoder_lora_is_refused_before_training(webui_model, tmp_path):
     dataset = _dataset(tmp_path / "data")
     model = lent_model(webui_model, clip_skip=1, conditioning_batch=SdConditioning)
-    with pytest.raises(TrainingError, match="text-encoder LoRA is not supported for SDXL"):
+    with pytest.raises(TrainingError, match="text-encoder LoRA on SDXL trains headless"):
         train_lora(model, _config(dataset, tmp_path / "out", train_text_encoder=True))
     assert not (tmp_path / "out").exists()
+
+
+def test_sdxl_text_encoder_keys_convert_with_diffusers_kohya_rules():
+    """lora_te1_ / lora_te2_ keys land on diffusers' text_encoder (CLIP-L) and text_encoder_2 (bigG) modules."""
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_lora_to_diffusers
+
+    from lib_anydressing.sd.random_models import sdxl_shaped
+
+    model = sdxl_shaped(model_channels=32)
+    state = KohyaLoRA(model.unet, rank=2, alpha=2, text_encoder=model.text_encoder, sdxl=True).kohya_state_dict()
+    te = {k: v for k, v in state.items() if k.startswith("lora_te")}
+    assert {k[:9] for k in te} == {"lora_te1_", "lora_te2_"}
+    n_modules = len(te) // 3  # down, up, alpha (the conversion empties the dict it is given)
+    converted, _ = _convert_kohya_lora_to_diffusers(te)
+    encoders = {"text_encoder": model.text_encoder.clip_l, "text_encoder_2": model.text_encoder.clip_g}
+    names = {f"{e}.{n}" for e, module in encoders.items() for n, _ in module.named_modules()}
+    paths = set()
+    for key in converted:  # diffusers 0.27 names: mlp.fc1.lora_linear_layer.*, self_attn.to_q_lora.*
+        path = re.sub(r"\.lora_linear_layer\.(down|up)\.weight$", "", key)
+        path = re.sub(r"\.to_([qkv])_lora\.(down|up)\.weight$", r".\1_proj", path)
+        paths.add(re.sub(r"\.to_out_lora\.(down|up)\.weight$", ".out_proj", path))
+    assert len(paths) == n_modules and {p.split(".")[0] for p in paths} == set(encoders)
+    assert paths <= names, sorted(paths - names)[:3]

@@ -6,9 +6,9 @@ Targets are kohya's: every Linear and 1x1 Conv inside the UNet's transformer blo
 (proj_in, proj_out, attn1/attn2 q/k/v/out, the feed-forward), keyed `lora_unet_<diffusers module
 path>` for SD1.x and `lora_unet_<sgm module path>` for SDXL (kohya's SDXL UNet keeps the original
 names); in the text encoder every Linear of the attention and MLP of each layer (q/k/v/out_proj, fc1/fc2),
-keyed `lora_te_<transformers module path>`. Each key has `.lora_down.weight`, `.lora_up.weight` and
-`.alpha`. The LoRA runs as a forward patch on the user's modules and comes off exactly; it is never
-merged into the weights.
+keyed `lora_te_<transformers module path>` (SDXL: `lora_te1_` CLIP-L, `lora_te2_` bigG). Each key has
+`.lora_down.weight`, `.lora_up.weight` and `.alpha`. The LoRA runs as a forward patch on the user's modules
+and comes off exactly; it is never merged into the weights.
 
 The LyCORIS network types (LoCon, LoHa, LoKr) come from the maintained `lycoris-lora` package when it
 is installed (3.x: its 4.x needs torch >= 2.4, newer than the WebUIs'): its modules hold the factors,
@@ -29,9 +29,11 @@ from safetensors.torch import load_file, save, save_file
 from torch import Tensor, nn
 
 from ..sd.forward_patch import ForwardPatch
+from ..sd.sdxl import SdxlText
 from ..sd.unet_keys import ldm_to_diffusers
 
 TRANSFORMER_PARENTS = ("input_blocks", "middle_block", "output_blocks")
+TEXT_PREFIX = "lora_te"  # lora_te_ (SD1.x), lora_te1_ / lora_te2_ (SDXL)
 TEXT_TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "mlp.fc1", "mlp.fc2")
 # network type -> the lycoris-lora module class (None: this module's LoRALayer)
 NETWORKS: dict[str, str | None] = {
@@ -77,15 +79,22 @@ def target_modules(unet: nn.Module, *, resnets: bool = False, sdxl: bool = False
 
 
 def text_target_modules(text_encoder: nn.Module) -> dict[str, nn.Module]:
-    """kohya name -> module, for the attention and MLP Linears of every layer of a transformers CLIPTextModel."""
+    """kohya name -> module, for the attention and MLP Linears of every layer of a transformers CLIPTextModel;
+    SDXL's pair (SdxlText) as kohya names it: `lora_te1_` for CLIP-L, `lora_te2_` for bigG."""
+    encoders = (
+        [("lora_te1_", text_encoder.clip_l), ("lora_te2_", text_encoder.clip_g)]
+        if isinstance(text_encoder, SdxlText)
+        else [("lora_te_", text_encoder)]
+    )
     targets = {}
-    for name, module in text_encoder.named_modules():
-        if (
-            isinstance(module, nn.Linear)
-            and name.startswith("text_model.encoder.layers.")
-            and name.endswith(TEXT_TARGETS)
-        ):
-            targets["lora_te_" + name.replace(".", "_")] = module
+    for prefix, encoder in encoders:
+        for name, module in encoder.named_modules():
+            if (
+                isinstance(module, nn.Linear)
+                and name.startswith("text_model.encoder.layers.")
+                and name.endswith(TEXT_TARGETS)
+            ):
+                targets[prefix + name.replace(".", "_")] = module
     return targets
 
 
@@ -240,7 +249,7 @@ class KohyaLoRA(nn.Module):
         tensors = {
             k: v.to(dtype) if v.is_floating_point() and v.ndim else v for k, v in self.kohya_state_dict().items()
         }
-        text = any(k.startswith("lora_te_") for k in tensors)
+        text = any(k.startswith(TEXT_PREFIX) for k in tensors)
         lycoris = {"ss_network_module": "lycoris.kohya", "ss_network_args": self._network_args()}
         meta = {
             **({"ss_network_module": "networks.lora"} if self.network == "lora" else lycoris),

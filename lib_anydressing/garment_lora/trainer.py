@@ -40,12 +40,13 @@ from ..files.settings_model import Field, Settings, ValidationError, problems_of
 from ..sd.checkpoint import StableDiffusion
 from ..sd.diffusion import diffusion_target, predicted_noise
 from ..sd.sampling import ddim_sample
+from ..sd.sdxl import SdxlText
 from ..sd.training_patches import training_patches
 from ..training.loop import PRECISIONS, RESUME_HELP, LoopSettings, MicroBatch, Progress, StepRecord, Trainer
 from ..training.state import TrainingError
 from .captions import read_captions, ss_tag_frequency, varied_caption
 from .dataset import MIN_SIDE
-from .kohya_lora import NETWORKS, KohyaLoRA, lycoris_missing
+from .kohya_lora import NETWORKS, TEXT_PREFIX, KohyaLoRA, lycoris_missing
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.\-]{0,99}$")
 # What a resumed run must share with the saved one (besides the optimizer and the number of images).
@@ -297,9 +298,9 @@ class GarmentLoRATrainer(Trainer):
         self.steps_per_epoch = math.ceil(per_process / config.grad_accumulation)
         epochs_steps = config.epochs * self.steps_per_epoch
         self.total = self.settings.steps = min(config.max_steps, epochs_steps) if config.max_steps else epochs_steps
-        groups = [{"params": [p for k, p in self.lora.named_parameters() if "lora_te_" not in k]}]
+        groups = [{"params": [p for k, p in self.lora.named_parameters() if TEXT_PREFIX not in k]}]
         if config.train_text_encoder:
-            te = [p for k, p in self.lora.named_parameters() if "lora_te_" in k]
+            te = [p for k, p in self.lora.named_parameters() if TEXT_PREFIX in k]
             groups.append({"params": te, "lr": config.text_encoder_lr})
         optimizer, self.optimizer_name = _optimizer(groups, config, self.device)
         self.setup(LoRALoss(self, lora), optimizer)
@@ -378,7 +379,7 @@ class GarmentLoRATrainer(Trainer):
         if self.conditions is not None:
             return {k: torch.stack([self.conditions[i][k] for i in batch]).to(self.device) for k in self.conditions[0]}
         size_hw = self.items[batch[0]].size_hw  # a batch is one size (buckets never mix)
-        if self.varied_captions:
+        if self.varied_captions or self.token_ids is None:  # SDXL conditions on the caption strings
             return self.sd.unet_conditioning([self._step_caption(self.items[i].caption) for i in batch], size_hw)
         return self.sd.unet_conditioning(self.token_ids[batch], size_hw)
 
@@ -619,8 +620,11 @@ def _model_problems(config: TrainConfig, model: StableDiffusion) -> list[str]:
     dtype = next(model.unet.parameters()).dtype
     if dtype != torch.float32 and config.mixed_precision == "fp32":
         problems.append(f"the model is in {dtype}: choose fp16 or bf16 mixed precision")
-    if model.is_sdxl and config.train_text_encoder:
-        problems.append("a text-encoder LoRA is not supported for SDXL yet: train the UNet LoRA only")
+    if model.is_sdxl and config.train_text_encoder and not isinstance(model.text_encoder, SdxlText):
+        problems.append(
+            "a text-encoder LoRA on SDXL trains headless for now (train-lora on the checkpoint file): here, train "
+            "the UNet LoRA only"
+        )
     return problems
 
 
