@@ -6,7 +6,7 @@ own layer or from above; tests/test_layout.py checks it):
 0. `garments`    the garment categories, one vocabulary.
 1. `files`       shared I/O: images, weight files (safetensors, `.pth` with weights_only), TOML configs,
                  the dressing-dataset manifest, transformers models read without unpickling, bench output.
-2. `sd`          SD1.x plumbing: architectures, single-file checkpoints as real modules, the CLIP tokenizer,
+2. `sd`          SD1.x/SDXL plumbing: architectures, single-file checkpoints as real modules, the CLIP tokenizer,
                  DDIM sampling, diffusion targets, SDPA attention, training patches, random models for
                  tests and benches, the diffusers <-> ldm UNet key map, forward patches that come off exactly.
 3. `engine`      the method: GarmentsNet, Dressing-Attention, regions, the model format (docs/method.md).

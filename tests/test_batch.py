@@ -267,3 +267,34 @@ def test_the_readme_example_manifest_reads_without_problems():
     assert not bad and len(jobs) == 3 and sum(len(j.seeds) for j in jobs) == 4
     assert all(Path(g["image"]).is_file() for j in jobs for g in j.garments)
     assert len({j.garment_set() for j in jobs}) == 2
+
+
+@pytest.mark.slow
+def test_a_killed_run_leaves_whole_images_and_resumes(spec, tmp_path):
+    """A real SIGKILL of the command mid-batch: every PNG left under its name is whole; the re-run renders the rest."""
+    import signal
+    import subprocess
+    import time
+
+    jobs = [{**job, "steps": 25, "width": 192, "height": 192} for job in _six_jobs()]
+    manifest, out = _manifest(tmp_path, jobs), tmp_path / "out"
+    files = ["--manifest", str(manifest), "--out", str(out), "--checkpoint", spec.checkpoint]
+    command = [sys.executable, "-m", "lib_anydressing", "dress-batch", *files, "--tokenizer", spec.tokenizer,
+               "--device", "cpu", "--batch-size", "1"]  # fmt: skip
+    log = open(tmp_path / "log.txt", "wb")  # noqa: SIM115  (a pipe could fill up and stall the command)
+    process = subprocess.Popen(command, cwd=Path(__file__).parents[1], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        if (out / "results.jsonl").is_file() and (out / "results.jsonl").read_text().count("\n") >= 2:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    log.close()
+    finished = {p.name: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    assert 2 <= len(finished) < 6, (tmp_path / "log.txt").read_text()[-2000:]
+    for name in finished:
+        Image.open(out / name).load()  # whole files only: a partial one would fail to decode
+    assert _run(manifest, out, spec, "--batch-size", "1") == 0
+    assert len(list(out.glob("*.png"))) == 6 and not list(out.glob("*.part"))
+    assert all((out / name).stat().st_mtime_ns == stamp for name, stamp in finished.items())
