@@ -15,6 +15,7 @@ from pathlib import Path
 from ..engine import CheckpointError
 from ..generation.model_files import TRAINING_FREE
 from ..sd.architectures import SDCheckpointError
+from .control import ControlNetError
 from .jobs import read_manifest, tasks_in_order
 from .model import DEMO, ModelSpec
 from .outputs import OutputFolder
@@ -33,6 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="images per UNet call (same garments and size)")
     parser.add_argument("--device", default="", help="cuda, cuda:1, cpu (default: cuda when available)")
     parser.add_argument("--tokenizer", default="", help="CLIP tokenizer folder (default: the environment's)")
+    parser.add_argument("--controlnet", default="", help="ControlNet model file for jobs with a pose image (SD1.x)")
     ray_help = "run on Ray: alone, start a cluster on this machine; ADDRESS (or 'auto'): join that cluster"
     parser.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS", help=ray_help)
     parser.add_argument("--workers", type=int, default=0, help="Ray actors (default: one per GPU, else 1)")
@@ -51,7 +53,7 @@ def main(args: argparse.Namespace) -> int:
     done = folder.finished()
     tasks = [t for t in tasks_in_order(jobs) if t.key not in done]
     print(f"{len(jobs)} jobs, {len(done)} images already done, {len(tasks)} to render")
-    spec = ModelSpec(args.checkpoint, args.model, args.device, tokenizer=args.tokenizer)
+    spec = ModelSpec(args.checkpoint, args.model, args.device, tokenizer=args.tokenizer, controlnet=args.controlnet)
     counts = {"ok": 0, "failed": 0}
     progress = _progress(len(tasks))
 
@@ -66,7 +68,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         require_diffusers()
         extractions = _render(spec, tasks, on_result, args)
-    except (SDCheckpointError, CheckpointError, FileNotFoundError, RuntimeError) as e:
+    except (SDCheckpointError, CheckpointError, ControlNetError, FileNotFoundError, RuntimeError) as e:
         progress.close()
         print(f"error: {e}")
         return 2

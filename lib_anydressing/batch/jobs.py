@@ -7,6 +7,7 @@
      "dressing": {"strength": 1.0, "garment_guidance": 2.5}}
 
 Paths are relative to the manifest's folder. `seed` (one number) or `seeds` (a list): one image per seed.
+`pose` (with `pose_weight`, default 1): a pose image, e.g. an OpenPose skeleton, for the --controlnet model.
 `dressing` takes the accordion's general options (see generation/options.py DressingArgs, `model` excepted:
 the batch has one). A job without `id` is named by a hash of its content, so editing a job makes it a new one
 and resuming never mixes the two. Blank lines and lines starting with `#` are skipped. A line that cannot be
@@ -41,6 +42,8 @@ class Job(Settings):
     cfg_scale: float = 7.0
     sampler: str = "DPM++ 2M Karras"
     dressing: dict[str, Any] = Field(default_factory=dict)
+    pose: str = ""  # a pose (control) image for the batch's --controlnet model, used as it is (no preprocessor)
+    pose_weight: float = 1.0
     line: int = 0  # where it came from, for messages
 
     @validator("width", "height")
@@ -53,6 +56,12 @@ class Job(Settings):
     def _steps(cls, v: int) -> int:
         if not 1 <= v <= 150:
             raise ValueError("must be between 1 and 150")
+        return v
+
+    @validator("pose_weight")
+    def _pose_weight(cls, v: float) -> float:
+        if not 0 <= v <= 2:
+            raise ValueError("must be between 0 and 2")
         return v
 
     @validator("sampler")
@@ -87,7 +96,8 @@ class Task:
     def group(self) -> tuple:
         """Tasks with equal groups share features and may share a UNet batch."""
         j = self.job
-        return (j.garment_set(), j.width, j.height, j.steps, j.cfg_scale, j.sampler, j.negative_prompt)
+        return (j.garment_set(), j.width, j.height, j.steps, j.cfg_scale, j.sampler, j.negative_prompt, bool(j.pose),
+                j.pose_weight)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -136,6 +146,8 @@ def _job(data: Any, line: int, folder: Path, defaults: dict[str, Any]) -> Job:
     if not job.seeds:
         raise ValueError("seeds: at least one seed")
     job.id = _safe_name(job.id) if job.id else content
+    if job.pose:
+        job.pose = str((folder / job.pose).resolve())
     for index, garment in enumerate(job.garments, start=1):
         if not isinstance(garment, dict) or not garment.get("image"):
             raise ValueError(f"garment {index}: needs an 'image' path")

@@ -8,11 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..engine import AnyDressingModel, load_checkpoint
 from ..generation.model_files import TRAINING_FREE, model_dirs, resolve_model, short_hash
 from ..sd.architectures import SD15_UNET, TINY_TEXT, TINY_VAE
 from ..sd.checkpoint import StableDiffusion, load_sd_checkpoint
+from .control import load_controlnet
 
 DEMO = "demo"  # the built-in checkpoint: SD1.5's UNet topology, narrow, seeded random weights, no download
 DEMO_NAME = "anydressing-demo"
@@ -25,6 +27,7 @@ class ModelSpec:
     device: str = ""  # "" = cuda when available, else cpu
     half: bool | None = None  # fp16 weights; None = on CUDA only
     tokenizer: str = ""  # a CLIP tokenizer folder; "" = what the environment has (see sd/tokenizer.py)
+    controlnet: str = ""  # a ControlNet model file for jobs with a pose image
 
     def load(self) -> BatchModel:
         device = torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -42,7 +45,13 @@ class ModelSpec:
             dressing, label = AnyDressingModel.training_free(), TRAINING_FREE
         else:
             dressing, label = load_checkpoint(path), f"{path.stem} [{short_hash(path)}]"
-        return BatchModel(sd, dressing, name, sha, label, f"{label}:{sha or name}", device, dtype)
+        control, control_label = None, ""
+        if self.controlnet:
+            control_path = Path(self.controlnet)
+            control = load_controlnet(control_path, dtype).to(device)
+            control_label = f"{control_path.stem} [{short_hash(control_path)}]"
+        return BatchModel(sd, dressing, name, sha, label, f"{label}:{sha or name}", device, dtype, control,
+                          control_label)  # fmt: skip
 
 
 @dataclass
@@ -55,6 +64,8 @@ class BatchModel:
     cache_key: str  # what the garment features depend on besides the garments
     device: torch.device
     dtype: torch.dtype
+    controlnet: nn.Module | None = None  # diffusers' ControlNetModel
+    controlnet_label: str = ""  # name [short hash], as the WebUI's ControlNet writes it
 
 
 def demo_model(seed: int = 0) -> StableDiffusion:

@@ -23,6 +23,7 @@ from ..generation.prepare import FeatureCache
 from ..generation.session import DressingSession, HostContext
 from ..sd.checkpoint import StableDiffusion
 from ..sd.sampling import guidance_layout
+from .control import control_residuals, pose_tensor
 from .jobs import Task
 from .model import BatchModel
 from .parameters import parameters_text, png_bytes
@@ -84,15 +85,25 @@ class BatchRunner:
             self.extractions += not prepared.from_cache
             notes, features = prepared.notes, "cached" if prepared.from_cache else "extracted"
         n_cond = len(tasks) * (copies - 1)
+        hints = self._hints(tasks, copies)
+        residuals: dict[str, object] = {}
+
+        def unet_rows(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if hints is not None:  # the ControlNet sees every row, as the WebUI's does by default ("Balanced")
+                down, mid = model.controlnet(x, t, rows["context"], hints, conditioning_scale=job.pose_weight,
+                                             return_dict=False)  # fmt: skip
+                residuals.update(down=list(down), mid=mid)
+            return sd.unet(x, t, **rows)
+
         try:
             if session is not None:
                 session.install(sd.unet)
-            latents = sample(
-                lambda x, t: sd.unet(x, t, **rows), noise, generators, sampler=job.sampler,
-                prediction=sd.prediction, steps=job.steps, cfg_scale=job.cfg_scale,
-                garment_guidance=opts.garment_guidance,
-                on_step=None if session is None else (lambda i, n: session.on_step(i, n, n_cond)),
-            )  # fmt: skip
+            with control_residuals(sd.unet, residuals):
+                latents = sample(
+                    unet_rows, noise, generators, sampler=job.sampler, prediction=sd.prediction, steps=job.steps,
+                    cfg_scale=job.cfg_scale, garment_guidance=opts.garment_guidance,
+                    on_step=None if session is None else (lambda i, n: session.on_step(i, n, n_cond)),
+                )  # fmt: skip
         finally:
             if session is not None:
                 session.close()
@@ -101,6 +112,18 @@ class BatchRunner:
         strength = session.strength if session is not None else None
         pngs = [png_bytes(_to_image(pixels[i]), self._parameters(task, opts, strength)) for i, task in enumerate(tasks)]
         return pngs, notes, features
+
+    def _hints(self, tasks: list[Task], copies: int) -> torch.Tensor | None:
+        """The pose images of the batch, one per row of every guidance copy; None without poses."""
+        job = tasks[0].job
+        if not job.pose:
+            return None
+        if self.model.controlnet is None:
+            raise ValueError("the job has a pose image but the batch has no ControlNet model (--controlnet FILE)")
+        if self.model.sd.is_sdxl:
+            raise ValueError("pose images work with SD1.x checkpoints only in dress-batch for now")
+        poses = [pose_tensor(_open(t.job.pose, "pose image"), (job.width, job.height)) for t in tasks]
+        return torch.cat([torch.stack(poses)] * copies).to(self.model.device, self.model.dtype)
 
     def _host(self) -> HostContext:
         sd = self.model.sd
@@ -122,6 +145,11 @@ class BatchRunner:
             "Model": self.model.checkpoint_name,
             "RNG": "CPU",  # the noise is drawn on the CPU: A1111 draws the same with this setting
         }
+        if job.pose:  # the WebUI ControlNet's own entry, so a paste sets the unit (the pose image is not pasted)
+            entries["ControlNet 0"] = (
+                f"Module: none, Model: {self.model.controlnet_label}, Weight: {job.pose_weight:g}, "
+                "Resize Mode: Crop and Resize, Guidance Start: 0.0, Guidance End: 1.0, Control Mode: Balanced"
+            )
         if opts.slots and strength is not None:
             entries.update(infotext(opts, self.model.dressing_label, strength))
         return parameters_text(job.prompt, job.negative_prompt, entries)

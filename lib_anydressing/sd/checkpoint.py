@@ -235,34 +235,45 @@ def _need(name: str, state: dict[str, Tensor], key: str) -> Tensor:
 
 
 def _build_unet(state: dict[str, Tensor]) -> nn.Module:
-    """An ldm UNetModel sized from the weights (width, levels, res blocks, attention levels, context)."""
+    """An ldm UNetModel sized from the weights."""
     from ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    channels = _need("UNet", state, "input_blocks.0.0.weight").shape[0]
-    blocks = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("input_blocks."))
-    downsamples = sorted({int(k.split(".")[1]) for k in state if re.match(r"input_blocks\.\d+\.0\.op\.weight", k)})
+    with torch.device("meta"):  # no random init of weights that are about to be overwritten
+        unet = UNetModel(**unet_config({k: tuple(v.shape) for k, v in state.items()}))
+    return unet.to_empty(device="cpu")
+
+
+def unet_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """An SD1.x UNet's ldm config from its encoder's tensor shapes (width, levels, res blocks, attention levels,
+    context); a ControlNet's encoder has the same keys."""
+
+    def need(key: str) -> tuple[int, ...]:
+        if key not in shapes:
+            raise SDCheckpointError(f"the checkpoint lacks UNet.{key}: not an SD1.x checkpoint, or a corrupt one")
+        return shapes[key]
+
+    channels = need("input_blocks.0.0.weight")[0]
+    blocks = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("input_blocks."))
+    downsamples = sorted({int(k.split(".")[1]) for k in shapes if re.match(r"input_blocks\.\d+\.0\.op\.weight", k)})
     levels = len(downsamples) + 1
     per_level = (blocks - 1 - len(downsamples)) // levels
     mult, attention = [], []
     for level in range(levels):
         first = 1 + level * (per_level + 1)
-        mult.append(_need("UNet", state, f"input_blocks.{first}.0.out_layers.3.weight").shape[0] // channels)
-        if f"input_blocks.{first}.1.proj_in.weight" in state:
+        mult.append(need(f"input_blocks.{first}.0.out_layers.3.weight")[0] // channels)
+        if f"input_blocks.{first}.1.proj_in.weight" in shapes:
             attention.append(2**level)
-    depth = len({k.split(".")[4] for k in state if k.startswith("input_blocks.1.1.transformer_blocks.")}) or 1
-    to_k = next((v for k, v in state.items() if k.endswith("attn2.to_k.weight")), None)
-    config = {
+    depth = len({k.split(".")[4] for k in shapes if k.startswith("input_blocks.1.1.transformer_blocks.")}) or 1
+    to_k = next((v for k, v in shapes.items() if k.endswith("attn2.to_k.weight")), None)
+    return {
         **SD15_UNET,
         "model_channels": channels,
         "num_res_blocks": per_level,
         "channel_mult": mult,
         "attention_resolutions": attention,
         "transformer_depth": depth,
-        "context_dim": to_k.shape[1] if to_k is not None else SD15_UNET["context_dim"],
+        "context_dim": to_k[1] if to_k is not None else SD15_UNET["context_dim"],
     }
-    with torch.device("meta"):  # no random init of weights that are about to be overwritten
-        unet = UNetModel(**config)
-    return unet.to_empty(device="cpu")
 
 
 def _build_vae(state: dict[str, Tensor]) -> nn.Module:
