@@ -18,7 +18,7 @@ from typing import Any
 
 from .jobs import Task
 from .model import ModelSpec
-from .runner import BatchRunner, Rendered
+from .runner import BatchRunner, Rendered, record
 
 ATTEMPTS = 3
 NO_RAY = "--ray needs the 'ray' package (pip install ray); without --ray the batch runs in this process"
@@ -103,8 +103,7 @@ def _schedule(
 
 def _lost(task: Task, error: Exception) -> Rendered:
     reason = f"its worker was lost {ATTEMPTS} times ({type(error).__name__})"
-    record = {"id": task.job.id, "seed": task.seed, "line": task.job.line, "status": "failed", "problems": [reason]}
-    return Rendered(task.key, None, record)
+    return Rendered(task.key, None, record(task, "failed", problems=[reason]))
 
 
 def _python_path() -> str:

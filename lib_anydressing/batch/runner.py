@@ -59,12 +59,12 @@ class BatchRunner:
                 pngs, notes, features = self._render(batch, opts)
             except EXPECTED as e:
                 for task in batch:
-                    yield Rendered(task.key, None, _record(task, "failed", problems=[str(e)]))
+                    yield Rendered(task.key, None, record(task, "failed", problems=[str(e)]))
                 continue
             seconds = round((time.perf_counter() - start) / len(batch), 3)
             for task, png in zip(batch, pngs, strict=True):
-                record = _record(task, "ok", seconds=seconds, garment_features=features, notes=notes)
-                yield Rendered(task.key, png, record)
+                outcome = record(task, "ok", seconds=seconds, garment_features=features, notes=notes)
+                yield Rendered(task.key, png, outcome)
 
     def _render(self, tasks: list[Task], opts: DressingOptions) -> tuple[list[bytes], list[str], str | None]:
         model, sd, job = self.model, self.model.sd, tasks[0].job
@@ -205,5 +205,5 @@ def _batches(tasks: list[Task], size: int) -> Iterator[list[Task]]:
         yield batch
 
 
-def _record(task: Task, status: str, **extra: Any) -> dict[str, Any]:
+def record(task: Task, status: str, **extra: Any) -> dict[str, Any]:
     return {"id": task.job.id, "seed": task.seed, "line": task.job.line, "status": status, **extra}
