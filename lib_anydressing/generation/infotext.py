@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from ..garments import CATEGORIES
 from .model_files import TRAINING_FREE, TRAINING_FREE_NAMES
 from .options import DressingArgs, DressingOptions, option
@@ -18,6 +20,7 @@ def key(name: str) -> str:
 
 
 GUIDANCE = key("garment_guidance")  # present only when it was on
+MASK = key("mask_from_garments")  # img2img's 'mask from garments': "from garments, grow 8[, face and hair]"
 
 
 def infotext(opts: DressingOptions, model_label: str, strength: float) -> dict[str, str]:
@@ -63,6 +66,13 @@ def _general(params: dict[str, str]) -> dict[str, object]:
     values["garment_guidance_enabled"] = guidance is not None  # absent: the image was made without it
     if guidance is not None:
         values["garment_guidance"] = guidance
+    mask = params.get(MASK)
+    values["mask_from_garments"] = mask is not None  # absent: the image was made without it
+    if mask is not None:
+        grow = re.search(r"grow (\d+)", mask)
+        if grow:
+            values["mask_grow"] = int(grow.group(1))
+        values["mask_face_hair"] = "face and hair" in mask
     start, _, end = params.get(RANGE, "").partition("-")
     if _float(start) is not None and _float(end) is not None:
         values["start"], values["end"] = _float(start), _float(end)

@@ -87,12 +87,18 @@ class DressingArgs(BaseModel):
         ui=(0.0, 10.0, 0.1, 2.5),
         infotext="garment guidance",
     )  # MagicClothing-style separate garment scale; None: off
+    mask_from_garments: bool = _option(  # img2img: the inpaint mask and regions from the photo's parse
+        False, "Mask from garments (img2img: parse the photo, replace what the garments replace)",
+        "mask from garments", infotext="mask",
+    )  # fmt: skip
+    mask_grow: int = _option(8, "Mask grow (pixels)", "mask grow", ge=0, le=128, ui=(0, 64, 1))
+    mask_face_hair: bool = _option(False, "Mask may cover face and hair", "mask face and hair")
     garments: list = Field(default_factory=list)
 
     class Config:
         extra = Extra.forbid
 
-    _strict = validator("enabled", pre=True, allow_reuse=True)(strict_flag)
+    _strict = validator("enabled", "mask_from_garments", "mask_face_hair", pre=True, allow_reuse=True)(strict_flag)
 
 
 GENERAL_FIELDS = tuple(name for name in DressingArgs.__fields__ if name != "garments")
@@ -117,6 +123,7 @@ class GarmentSlot:
     region: str = "none"  # none | mask: the slot mask placed on the canvas | box
     box: tuple[float, float, float, float] | None = None  # x0, y0, x1, y1 as fractions of the canvas
     index: int = 0  # the UI slot it came from (0-based): empty slots in between keep their numbers
+    area: Image.Image | None = None  # "L" at the generated frame: its region on a parsed photo; wins over `region`
 
     def masked_image(self) -> Image.Image:
         """The garment alone on white: what GarmentsNet sees."""

@@ -51,6 +51,8 @@ def _area(size: tuple[int, int]) -> int:
 
 def _coverage(slot: GarmentSlot, n_slots: int) -> float:
     """The fraction of the image a garment is meant to cover: its region, else an equal share."""
+    if slot.area is not None:
+        return float(np.asarray(slot.area, dtype=np.float32).mean() / 255.0)
     if slot.region == "box" and slot.box is not None:
         x0, y0, x1, y1 = slot.box
         return (x1 - x0) * (y1 - y0)
@@ -69,7 +71,10 @@ def region_masks(slots: Sequence[GarmentSlot], latent_hw: tuple[int, int]) -> li
     h, w = latent_hw
     masks: list[Tensor | None] = []
     for slot in slots:
-        if slot.region == "box" and slot.box is not None:
+        if slot.area is not None:  # area-averaged: the share of each latent pixel the region covers
+            resized = slot.area.resize((w, h), Image.Resampling.BOX)
+            masks.append(torch.from_numpy(np.asarray(resized, dtype=np.float32) / 255.0))
+        elif slot.region == "box" and slot.box is not None:
             x0, y0, x1, y1 = slot.box
             top, left = int(y0 * h), int(x0 * w)
             bottom, right = max(math.ceil(y1 * h), top + 1), max(math.ceil(x1 * w), left + 1)
@@ -97,8 +102,9 @@ def region_notes(
         if region is None:
             continue
         if not region_tokens(region, half).any():
+            where = "area on the photo" if slot.area is not None else f"{slot.region} region"
             raise ImageInputError(
-                f"garment {slot.index + 1}: its {slot.region} region is too small to steer the model (it must "
+                f"garment {slot.index + 1}: its {where} is too small to steer the model (it must "
                 f"cover at least 16x16 pixels of the {latent_hw[1] * 8}x{latent_hw[0] * 8} image): make it "
                 "larger, or set its region to none"
             )
