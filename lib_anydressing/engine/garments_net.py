@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..sd.forward_patch import ForwardPatch
 from .gfe_lora import PROJECTIONS, GarmentLoRA
-from .unet_layers import self_attention_layers
+from .unet_layers import input_channels, self_attention_layers
 
 TapPoint = Literal["attn_output", "attn_input"]
 CrossAttentionMode = Literal["skip", "empty_prompt"]
@@ -104,6 +104,7 @@ class GarmentsNet(nn.Module):
         (MagicClothing's extractor is loaded that way over the base UNet).
         """
         unet = _structure_copy(template)
+        _fit_input_conv(unet, state_dict)
         if kwargs.get("cross_attention", "skip") == "skip":
             for layer in self_attention_layers(unet):
                 layer.block.attn2 = _NoCrossAttention()
@@ -152,7 +153,7 @@ class GarmentsNet(nn.Module):
         device = torch.device(device) if device is not None else param.device
         dtype = dtype or param.dtype
         context = context.to(device, dtype).expand(n, -1, -1) if self.cross_attention == "empty_prompt" else None
-        x = latents.to(device, dtype)
+        x = inpainting_input(latents.to(device, dtype), input_channels(self.unet))
         timesteps = torch.zeros(n, device=device, dtype=dtype)
         slot_t = torch.tensor(slot_ids, device=device)
 
@@ -181,6 +182,35 @@ class GarmentsNet(nn.Module):
                 patches.append(ForwardPatch(layer.block.attn2, lambda inner: skip_cross_attention))
             patches.append(ForwardPatch(layer.attn, _tap(layer.name, self.tap, captured, stop=layer.name == last)))
         return patches
+
+
+def inpainting_input(latents: Tensor, channels: int) -> Tensor:
+    """What an inpainting UNet (9 input channels: latent, mask, masked-image latent) is given for a garment.
+
+    Decided once: mask 0 ("nothing to fill in") and the garment itself as the masked image. The inpainting
+    UNet then sees a whole, known image, the state in which a 4-channel UNet sees a clean garment latent
+    at timestep 0; a full mask over a blank image would instead ask it to invent the garment. Other
+    channel counts (4) pass through.
+    """
+    if channels != 9:
+        return latents
+    mask = latents.new_zeros(latents.shape[0], 1, *latents.shape[2:])
+    return torch.cat([latents, mask, latents], dim=1)
+
+
+def _fit_input_conv(unet: nn.Module, state_dict: dict[str, Tensor]) -> None:
+    """A separate GarmentsNet keeps its own input conv: a 4-channel extractor (AnyDressing's, a peer's)
+    copied from a 9-channel inpainting UNet gets a 4-channel conv, so its weights fit and it reads garments
+    as it was trained to."""
+    key = "input_blocks.0.0.weight"
+    conv = unet.input_blocks[0][0] if hasattr(unet, "input_blocks") else None
+    weight = state_dict.get(key)
+    if conv is None or weight is None or weight.shape[1] == conv.in_channels:
+        return
+    fitted = copy.deepcopy(conv)  # the same class (Forge's own Conv2d too), on the meta device
+    fitted.in_channels = weight.shape[1]
+    fitted.weight = nn.Parameter(torch.empty(weight.shape, device="meta"), requires_grad=False)
+    unet.input_blocks[0][0] = fitted
 
 
 def _with_lora(lora: nn.Module, slots: Tensor):
