@@ -5,9 +5,8 @@ from modules import script_callbacks
 
 from lib_anydressing.convert import convert_dropped
 from lib_anydressing.generation.options import apply_overrides, from_script_args
-from lib_anydressing.webui import accordion, env, xyz
+from lib_anydressing.webui import accordion, env, photo, xyz
 from lib_anydressing.webui.controller import Controller
-from lib_anydressing.webui.forge import unet_of
 
 controller = Controller(env.A1111Env())
 
@@ -32,8 +31,9 @@ class AnyDressingScript(scripts.Script):
     def ui(self, is_img2img):
         self.n_slots = env.max_slots()  # the args follow the UI as built, until the UI is reloaded
         tab = "img2img" if is_img2img else "txt2img"
+        status = photo.parser_status(controller.env.parser_dirs(), controller.env.parser_name())
         components, self.infotext_fields = accordion.build(
-            self.elem_id, self.n_slots, controller.env.model_dirs(), refresh_models, tab
+            self.elem_id, self.n_slots, controller.env.model_dirs(), refresh_models, tab, status
         )
         return components
 
@@ -49,7 +49,7 @@ class AnyDressingScript(scripts.Script):
         controller.before_sampling(p)
 
     def postprocess(self, p, processed, *args):
-        controller.finish(unet_of(p))
+        controller.postprocess(p, processed)
 
 
 def add_xyz_axes():

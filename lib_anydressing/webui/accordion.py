@@ -18,11 +18,15 @@ def model_choices(dirs) -> list[str]:
 
 
 SLOT_IMAGES: dict[str, list[Any]] = {}  # "txt2img"/"img2img" -> garment image components, for Send buttons
+SLOT_CATEGORIES: dict[str, list[Any]] = {}  # the same for the category dropdowns (Split outfit sends both)
 
 
-def build(elem_id, n_slots: int, dirs, refresh, tab: str = "txt2img") -> tuple[list[Any], list[tuple[Any, str]]]:
-    """(components in `script_arg_names` order, infotext fields). The garment images are also
-    recorded in SLOT_IMAGES[tab], so the Segment tab (built later) can send cutouts to them."""
+def build(
+    elem_id, n_slots: int, dirs, refresh, tab: str = "txt2img", parser_status: str = ""
+) -> tuple[list[Any], list[tuple[Any, str]]]:
+    """(components in `script_arg_names` order, infotext fields). The garment images and categories are
+    also recorded in SLOT_IMAGES[tab] / SLOT_CATEGORIES[tab], so the Segment tab (built later) can send
+    cutouts to them. The photo-mask options show in img2img only (`parser_status` says which parser)."""
     from modules.ui_components import InputAccordion, ToolButton
 
     components: dict[str, Any] = {}
@@ -55,6 +59,12 @@ def build(elem_id, n_slots: int, dirs, refresh, tab: str = "txt2img") -> tuple[l
                 False, label="Garment guidance (separate scale, one more UNet row per image)", elem_id=elem_id("gg")
             )
             components["garment_guidance"] = _slider(DressingArgs, "garment_guidance", elem_id=elem_id("gg_scale"))
+        with gr.Row(visible=tab == "img2img"):  # txt2img has them too, hidden: one argument order for both
+            for name in ("mask_from_garments", "mask_face_hair"):
+                spec = option(DressingArgs, name)
+                components[name] = gr.Checkbox(spec["default"], label=spec["label"], elem_id=elem_id(name))
+            components["mask_grow"] = _slider(DressingArgs, "mask_grow", elem_id=elem_id("mask_grow"))
+        gr.Markdown(parser_status, visible=tab == "img2img", elem_id=elem_id("parser_status"))
         with gr.Tabs():
             for i in range(n_slots):
                 garment = f"Garment {i + 1}"  # in every label: A1111 saves UI defaults by label (ui-config.json)
@@ -92,6 +102,7 @@ def build(elem_id, n_slots: int, dirs, refresh, tab: str = "txt2img") -> tuple[l
                                 elem_id=elem_id(f"slot{i}_{corner}"),
                             )
     SLOT_IMAGES[tab] = [components[f"slot{i}_image"] for i in range(n_slots)]
+    SLOT_CATEGORIES[tab] = [components[f"slot{i}_category"] for i in range(n_slots)]
     ordered = [components[name] for name in script_arg_names(n_slots)]
     fields = [(component, _paste(name, n_slots)) for name, component in components.items() if _pastable(name)]
     return ordered, fields

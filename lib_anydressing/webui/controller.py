@@ -28,11 +28,14 @@ from ..engine.unet_layers import input_channels
 from ..files.images import ImageInputError
 from ..generation.garment_guidance import GarmentGuidance
 from ..generation.infotext import PREFIX, PROBLEMS, infotext
+from ..generation.infotext import key as infotext_key
 from ..generation.model_files import TRAINING_FREE, resolve_model, short_hash
 from ..generation.options import DressingOptions
+from ..generation.photo_masks import PhotoMaskError
 from ..generation.prepare import FeatureCache
 from ..generation.session import DressingSession, HostContext
-from . import forge
+from ..segment.parser import ParserError
+from . import forge, photo
 from .forge import is_forge, unet_of
 
 log = logging.getLogger("anydressing")
@@ -52,6 +55,8 @@ class WebUIEnv(Protocol):
     def autocast(self) -> AbstractContextManager: ...
     def encode(self, p: Any, images: Tensor) -> Tensor: ...
     def empty_prompt(self, p: Any) -> Tensor | None: ...
+    def parser_dirs(self) -> list[Path]: ...
+    def parser_name(self) -> str: ...
 
 
 class Controller:
@@ -68,6 +73,7 @@ class Controller:
         self._garments_net: tuple[tuple, GarmentsNet] | None = None  # built once per model file and base weights
         self._pending: _Pending | None = None  # checked in process, installed in process_batch / before_sampling
         self._swaps: list[tuple[Any, Any, Any]] = []  # Forge: (forge_objects, the user's UnetPatcher, our clone)
+        self.preview: Any = None  # the mask preview of a dressed photo, shown after the images
 
     def process(self, p: Any, opts: DressingOptions) -> None:
         """Before the batches: clean up, check everything that can be checked, load the model.
@@ -97,14 +103,21 @@ class Controller:
         try:
             model, model_key, label = self._load(opts.model, p)
             channels = input_channels(unet)
-            if channels != 4:
-                raise ValueError(
-                    f"models with {channels} input channels (inpainting, instruct-pix2pix) are not supported yet"
-                )
+            if channels not in (4, 9):
+                raise ValueError(f"models with {channels} input channels (instruct-pix2pix) are not supported")
         except Exception as e:  # a bad file or an unforeseen error: a message, never a traceback in the UI
             self._fail(p, unet, e)
             return
-        self._pending = _Pending(opts, model, model_key, label)
+        dressed_photo = None
+        if opts.mask_from_garments:
+            try:
+                dirs, name = self.env.parser_dirs(), self.env.parser_name()
+                dressed_photo = photo.mask_photo(p, opts, dirs, name, self.env.device())
+            except (ParserError, PhotoMaskError, ImageInputError, ValueError) as e:
+                _problem(p, f"{PREFIX}: {e}: generating without dressing")
+                return
+            p.extra_generation_params[infotext_key("mask_from_garments")] = photo.infotext_value(dressed_photo, opts)
+        self._pending = _Pending(opts, model, model_key, label, dressed_photo)
         _close_with(p, lambda: self.finish(unet))
 
     def process_batch(self, p: Any) -> None:
@@ -153,6 +166,8 @@ class Controller:
         session = DressingSession(pending.model, pending.opts)
         try:
             self.cache.max_entries = self.env.cache_size()
+            if pending.photo is not None:  # p.init has prepared the frame: the regions go onto it
+                photo.place_regions(p, pending.photo, pending.opts)
             self.env.load_unet(p)
             with self.env.autocast():
                 host = HostContext(
@@ -186,6 +201,7 @@ class Controller:
             for note in prepared.notes:
                 p.comment(f"{PREFIX}: {note}")
             p.extra_generation_params.update(infotext(pending.opts, pending.label, session.strength))
+            self.preview = pending.photo.preview if pending.photo is not None else None
         return True
 
     def _fail(self, p: Any, unet: Any, error: Exception) -> None:
@@ -217,6 +233,15 @@ class Controller:
         if self.session is not None and self.guidance is not None:
             params.x = self.guidance.correct(params.x, self.cfg_scale, self._nmask)
 
+    def postprocess(self, p: Any, processed: Any) -> None:
+        """After the images: a dressed photo's mask preview joins them (with the first image's infotext, as
+        A1111's own "return mask" adds its mask), then everything comes off the UNet."""
+        if self.preview is not None and getattr(processed, "images", None) is not None:
+            processed.images.append(self.preview)
+            if getattr(processed, "infotexts", None):
+                processed.infotexts.append(processed.infotexts[0])
+        self.finish(unet_of(p))
+
     def finish(self, unet: Any = None) -> None:
         """Take everything off the UNet: after a generation, an error, or when the script unloads."""
         if self.session is not None:
@@ -224,6 +249,7 @@ class Controller:
             self.session = None
         self._pending = None
         self.guidance = None
+        self.preview = None
         for objects, original, clone in self._swaps:
             if objects.unet is clone:  # Forge: the user's UnetPatcher back in place, the clone dropped
                 objects.unet = original
@@ -262,6 +288,7 @@ class _Pending:
     model: AnyDressingModel
     model_key: str
     label: str
+    photo: photo.DressedPhoto | None = None  # img2img with 'mask from garments'
     networks: str | None = None  # the LoRA set the installed features were extracted with
 
 

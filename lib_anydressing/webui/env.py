@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..generation.model_files import model_dirs
+from ..generation.model_files import EXTENSION_MODELS, model_dirs
 from ..sd.vae import posterior_mean
 from .forge import is_forge
 
@@ -30,6 +30,18 @@ class A1111Env:
             getattr(shared.opts, "anydressing_models_dir", "") or None,
         ]
         return model_dirs(extra)
+
+    def parser_dirs(self) -> list[Path]:
+        """Where clothes parsers are looked for (and then the HF cache): models/parser of the extension, of
+        the WebUI."""
+        from modules import paths
+
+        return [EXTENSION_MODELS.parent / "parser", Path(paths.models_path) / "parser"]
+
+    def parser_name(self) -> str:
+        from modules import shared
+
+        return str(getattr(shared.opts, "anydressing_parser", "") or "")
 
     def offload_garments_net(self) -> bool:
         from modules import shared
@@ -175,6 +187,11 @@ def register_settings() -> None:
         ),
         "anydressing_image_encoder": shared.OptionInfo(
             "", "CLIP-H image encoder folder (transformers format) for IMAGDressing models"
+        ),
+        "anydressing_parser": shared.OptionInfo(
+            "",
+            "Clothes parser for 'Mask from garments' and 'Split outfit' (a folder name in models/parser or an "
+            "HF cache repo; empty: the first found)",
         ),
     }
     for key, info in options.items():
