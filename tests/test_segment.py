@@ -276,7 +276,7 @@ def test_segment_route_over_http(tiny_sam_file):
     from lib_anydressing.segment.api import ROUTE, register
 
     app = FastAPI()
-    register(app, Segmenter(), lambda: [tiny_sam_file.parent])
+    register(app, Segmenter(), lambda: [tiny_sam_file.parent], lambda: None)
     client = TestClient(app)
     image, truth = _scene()
     buf = io.BytesIO()

@@ -1,4 +1,5 @@
-"""HTTP route for segmentation: POST /anydressing/v1/segment {image, points, labels, box, model} -> mask PNG."""
+"""HTTP routes: POST /anydressing/v1/segment {image, points, labels, box, model} -> mask PNG;
+POST /anydressing/v1/split-outfit {image} -> the garments found, each an RGBA cutout with its category."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ from typing import Any
 from PIL import Image
 
 from ..files.images import ImageInputError, load_image
+from .outfit import split_outfit
+from .parser import GarmentParser
 from .sam_models import SamModelError, find_sam_files
 from .segmenter import GRABCUT, Segmenter, as_rgb_array
 
 ROUTE = "/anydressing/v1/segment"
+SPLIT_ROUTE = "/anydressing/v1/split-outfit"
 
 
 def segment_request(data: dict[str, Any], segmenter: Segmenter, sam_dirs: Callable[[], list[Path]]) -> dict[str, Any]:
@@ -47,22 +51,53 @@ def segment_request(data: dict[str, Any], segmenter: Segmenter, sam_dirs: Callab
     except SamModelError as e:
         raise ValueError(str(e)) from e
     result = segmenter.segment(image, points, labels, None if box is None else tuple(map(float, box)))
-    buffer = io.BytesIO()
-    Image.fromarray(result.mask.astype("uint8") * 255, "L").save(buffer, format="PNG")
-    answer: dict[str, Any] = {"mask": base64.b64encode(buffer.getvalue()).decode(), "engine": result.engine}
+    answer: dict[str, Any] = {
+        "mask": _png(Image.fromarray(result.mask.astype("uint8") * 255, "L")),
+        "engine": result.engine,
+    }
     if result.candidates is not None:
         answer["scores"] = [float(s) for s in result.candidates.scores]
     return answer
 
 
-def register(app: Any, segmenter: Segmenter, sam_dirs: Callable[[], list[Path]]) -> None:
-    """Add the route to the WebUI's FastAPI app (from on_app_started)."""
+def split_request(data: dict[str, Any], parser: Callable[[], GarmentParser]) -> dict[str, Any]:
+    """The split route's work: {"garments": [{"category", "image" (RGBA PNG, base64), "box" [x0, y0, x1, y1]}]}
+    in slot order; a ValueError (no image, no parser, no garment) carries the message for a 422 answer."""
+    if not isinstance(data, dict) or "image" not in data:
+        raise ValueError("send a JSON object with 'image' (base64)")
+    try:
+        photo = load_image(data["image"]).convert("RGB")
+    except ImageInputError as e:
+        raise ValueError(f"image: {e}") from e
+    pieces = split_outfit(photo, parser().parts(photo))  # ParserError is a ValueError
+    if not pieces:
+        raise ValueError("no garment found on the photo (no person, or the parser saw no clothes)")
+    return {"garments": [{"category": p.category, "image": _png(p.cutout), "box": list(p.box)} for p in pieces]}
+
+
+def _png(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def register(
+    app: Any, segmenter: Segmenter, sam_dirs: Callable[[], list[Path]], parser: Callable[[], GarmentParser]
+) -> None:
+    """Add the routes to the WebUI's FastAPI app (from on_app_started)."""
     from fastapi import Body, HTTPException
 
-    def segment(data: dict = Body(...)) -> dict:  # noqa: B008 (FastAPI's way to take a raw JSON body)
+    def answer(work: Callable[[], dict]) -> dict:
         try:
-            return segment_request(data, segmenter, sam_dirs)
+            return work()
         except ValueError as e:
             raise HTTPException(status_code=422, detail=str(e)) from e
 
+    def segment(data: dict = Body(...)) -> dict:  # noqa: B008 (FastAPI's way to take a raw JSON body)
+        return answer(lambda: segment_request(data, segmenter, sam_dirs))
+
+    def split(data: dict = Body(...)) -> dict:  # noqa: B008
+        return answer(lambda: split_request(data, parser))
+
     app.add_api_route(ROUTE, segment, methods=["POST"])
+    app.add_api_route(SPLIT_ROUTE, split, methods=["POST"])

@@ -40,6 +40,7 @@ _WORDS = (  # the first rule whose word is in a label names its part; labels spl
     ("foot", "legs"),
 )  # fmt: skip
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+EXTENSION_PARSER_DIR = Path(__file__).resolve().parents[2] / "models" / "parser"
 
 
 class ParserError(ValueError):

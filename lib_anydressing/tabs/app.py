@@ -7,7 +7,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from . import lora_tab, segment_tab
+from . import lora_tab, segment_tab, split_outfit
 from .gradio_compat import js_argument
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -19,12 +19,14 @@ def build_tabs(
     output_dir: Path,
     send_targets: list[segment_tab.SendTarget] = (),
     lora_host: lora_tab.TrainingHost | None = None,
+    parser: split_outfit.ParserSource | None = None,
+    outfit_targets: list[split_outfit.OutfitTarget] = (),
 ) -> gr.Blocks:
     """`lora_host`: the WebUI's loaded model and models/Lora; standalone, a checkpoint file and outputs/Lora."""
     host = lora_host or lora_tab.CheckpointHost(output_dir / "Lora")
     with gr.Blocks(analytics_enabled=False, title="AnyDressing") as blocks, gr.Tabs():
         with gr.Tab("Segment garment"):
-            segment_tab.build(sam_dirs, output_dir, list(send_targets))
+            segment_tab.build(sam_dirs, output_dir, list(send_targets), parser, list(outfit_targets))
         with gr.Tab("Train garment LoRA"):
             lora_tab.build(sam_dirs, output_dir, host)
     return blocks

@@ -5,7 +5,6 @@ wires them to the components (`_wire`), and the Brush's values across gradio 3 a
 No `from __future__ import annotations` here: gradio finds the `gr.SelectData` parameter by its annotation.
 """
 
-import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +17,14 @@ from PIL import Image
 from ..files.images import ImageInputError
 from ..segment.batch import Template, segment_folder
 from ..segment.outputs import free_path
+from ..segment.parser import EXTENSION_PARSER_DIR, PARSERS, GarmentParser
 from ..segment.sam_models import SamModelError, find_sam_files
 from ..segment.segmenter import GRABCUT, SAM_HINT, Segmenter, as_rgb_array, engine_choices
 from ..segment.session import MaskEdits, SegmentState
+from . import split_outfit
 from .gradio_compat import GRADIO_4, js_argument
 from .segment_tab_layout import LARGEST, LOAD_PREVIEW, SegmentLayout, segment_layout
+from .tab_switch import switch_tab_js
 
 SEGMENTER = Segmenter()  # one SAM model per process, freed on request
 Views = tuple[Any, ...]  # the values of SegmentLayout.views, in its order
@@ -52,11 +54,23 @@ class Edits(NamedTuple):
         return MaskEdits(int(self.grow), int(self.feather), self.fill_holes, self.largest_only, self.invert)
 
 
-def build(sam_dirs: Callable[[], list[Path]], output_dir: Path, send_targets: list[SendTarget] = ()) -> None:
-    """Components of the tab, inside the caller's Blocks/Tab context. `send_targets` come from the
-    WebUI (garment slots, inpaint upload); standalone there are none and no Send control."""
+def build(
+    sam_dirs: Callable[[], list[Path]],
+    output_dir: Path,
+    send_targets: list[SendTarget] = (),
+    parser: split_outfit.ParserSource | None = None,
+    outfit_targets: list[split_outfit.OutfitTarget] = (),
+) -> None:
+    """Components of the tab, inside the caller's Blocks/Tab context. `send_targets` and `outfit_targets`
+    come from the WebUI (garment slots, inpaint upload); standalone there are none and no Send control.
+    `parser`: the clothes parser for Split outfit (default: the extension's models/parser or the HF cache)."""
     ui = segment_layout(engine_choices(sam_dirs()), _status(), output_dir / "batch", [t.label for t in send_targets])
     _wire(ui, SegmentHandlers(sam_dirs, output_dir, list(send_targets)))
+    split_outfit.build(ui.state, parser or _standalone_parser, list(outfit_targets))
+
+
+def _standalone_parser() -> GarmentParser:
+    return PARSERS.get([EXTENSION_PARSER_DIR])
 
 
 def _wire(ui: SegmentLayout, on: "SegmentHandlers") -> None:
@@ -78,7 +92,7 @@ def _wire(ui: SegmentLayout, on: "SegmentHandlers") -> None:
     if ui.send is not None:
         targets = [c for t in on.send_targets for c in t.components]
         ui.send.send.click(on.send, [state, ui.send.target, *edits], targets).then(
-            None, [ui.send.target], None, **js_argument(_switch_tab_js(on.send_targets))
+            None, [ui.send.target], None, **js_argument(switch_tab_js({t.label: t.switch_js for t in on.send_targets}))
         )
     b.add.click(on.paint_add, [state, b.canvas, *edits], [state, *views])
     b.subtract.click(on.paint_subtract, [state, b.canvas, *edits], [state, *views])
@@ -240,13 +254,6 @@ def _candidates(st: SegmentState) -> list[tuple[Image.Image, str]]:
 def _results(st: SegmentState, edits: Edits) -> tuple[Image.Image, Image.Image, Image.Image] | None:
     """Cutout, mask and garment on white, with the candidate chosen when the views were last shown."""
     return st.outputs(edits.mask(), int(edits.square_size))
-
-
-def _switch_tab_js(send_targets: list[SendTarget]) -> str:
-    """Browser code run after Send: the chosen target's WebUI tab switch; the WebUI's switch_to_* may be absent."""
-    calls = json.dumps({t.label: t.switch_js for t in send_targets})
-    switch_tab = "(label) => { const call = " + calls + "[label]; if (call) { try { new Function(call)(); }"
-    return switch_tab + " catch (e) { console.warn(e); } } return []; }"
 
 
 def brush_value(image: Image.Image | None) -> Image.Image | dict[str, Any] | None:

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..generation.model_files import EXTENSION_MODELS, model_dirs
+from ..generation.model_files import model_dirs
 from ..sd.vae import posterior_mean
+from ..segment.parser import EXTENSION_PARSER_DIR
 from .forge import is_forge
 
 SECTION = ("anydressing", "AnyDressing")
@@ -36,7 +37,7 @@ class A1111Env:
         the WebUI."""
         from modules import paths
 
-        return [EXTENSION_MODELS.parent / "parser", Path(paths.models_path) / "parser"]
+        return [EXTENSION_PARSER_DIR, Path(paths.models_path) / "parser"]
 
     def parser_name(self) -> str:
         from modules import shared
