@@ -18,6 +18,7 @@ from .evaluation import cli as evaluation
 from .garment_lora import bench as bench_lora
 from .garment_lora import cli as train_lora
 from .segment import bench as bench_sam
+from .segment import bench_parse
 from .tabs import cli as ui
 
 # A1111 puts its own copies of these on sys.path only when it starts (ldm: the SD1.x/2.x model classes
@@ -44,6 +45,7 @@ COMMANDS = (
     ("convert", convert, "convert a MagicClothing or IMAGDressing checkpoint to this extension's format"),
     ("ui", ui, "serve the AnyDressing tab (Segment garment, Train garment LoRA) on localhost"),
     ("bench-sam", bench_sam, "what a segmentation click costs, embedding cached and recomputed"),
+    ("bench-parse", bench_parse, "what parsing a photo costs (Mask from garments, Split outfit), and from the cache"),
     ("train-lora", train_lora, "train a garment LoRA (kohya format) from a dataset folder, headless"),
     ("bench-lora", bench_lora, "garment LoRA training speed and memory, with and without the memory savers"),
     ("build-dataset", build_dataset, "turn photos + garment images into an AnyDressing training set"),

@@ -110,3 +110,13 @@ def test_found_in_models_dirs_and_hf_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty"))
     with pytest.raises(ParserError, match="no clothes parser is installed: put a segformer"):
         store.get([tmp_path / "missing"])
+
+
+def test_bench_parse_times_a_parse_and_the_cache(tmp_path, capsys):
+    from lib_anydressing.__main__ import main
+
+    folder = write_parser(tmp_path / "p")
+    assert main(["bench-parse", "--parser", str(folder), "--photos", "2", "--repeats", "3", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["image_wh"] == [768, 1024] and result["parser"] == str(folder)
+    assert result["cached_parse_ms"] < result["parse_ms"]  # the cache answers without the model
