@@ -37,6 +37,7 @@ class FakeWebUI(BaseHTTPRequestHandler):
     history_leaks = False  # a WebUI whose dressed images depend on the request before
     broken_controlnet = False  # ControlNet listed, but its model fails every request (Forge: SD1.5 on SDXL)
     reference_only = False  # ControlNet with no model but the reference-only preprocessor
+    parser = None  # img2img 'mask from garments': None (no parser installed), "keeps" or "repaints" the photo
     garments_sent: ClassVar[list[bytes]] = []
     last = b""
     step = 0
@@ -78,7 +79,26 @@ class FakeWebUI(BaseHTTPRequestHandler):
             return self._send(self._txt2img(body))
         if units:
             return self._send({"error": "RuntimeError", "detail": "mat1 and mat2 shapes cannot be multiplied"}, 500)
-        self._send(self._txt2img(body))
+        self._send(self._img2img(body) if self.path == "/sdapi/v1/img2img" else self._txt2img(body))
+
+    def _img2img(self, body):
+        """A1111's img2img answer, as the extension makes it: no parser, a message; else the photo (the
+        background kept, or repainted by a broken WebUI), the mask entry, and the mask preview after it."""
+        problem = "no clothes parser is installed: put a segformer clothes parser in models/parser"
+        if FakeWebUI.parser is None:
+            info = {"extra_generation_params": {"AnyDressing problems": f"{problem}: generating without dressing"}}
+            return {"images": body["init_images"], "parameters": {}, "info": json.dumps(info)}
+        photo = Image.open(io.BytesIO(base64.b64decode(body["init_images"][0])))
+        if FakeWebUI.parser == "repaints":
+            photo = Image.new("RGB", photo.size, (1, 2, 3))
+        params = {"AnyDressing model": "training-free", "AnyDressing mask": "from garments, grow 8"}
+        images = [photo, Image.new("RGB", photo.size, (0, 0, 0))]
+        encoded = []
+        for image in images:
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            encoded.append(base64.b64encode(buffer.getvalue()).decode())
+        return {"images": encoded, "parameters": {}, "info": json.dumps({"extra_generation_params": params})}
 
     def _txt2img(self, body):
         params, digest = {}, hashlib.sha256(str(body["seed"]).encode())
@@ -114,6 +134,7 @@ def webui():
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     FakeWebUI.history_leaks = FakeWebUI.broken_controlnet = FakeWebUI.reference_only = False
+    FakeWebUI.parser = None
     FakeWebUI.garments_sent = []
 
 
@@ -131,6 +152,7 @@ def test_all_checks_pass_on_a_webui_that_behaves(webui, capsys):
     assert code == 0, out
     statuses = {c["name"]: c["status"] for c in report["checks"]}
     assert statuses.pop("controlnet") == "SKIP"  # no ControlNet routes here
+    assert statuses.pop("dress a photo") == "SKIP"  # no clothes parser
     assert set(statuses.values()) == {"PASS"} and "interrupt" in statuses and "model untouched" in statuses
     assert report["timings"]["ratio_warm"] > 0 and time.perf_counter() - started < 15
 
@@ -163,3 +185,12 @@ def test_timed_rounds_send_unseen_garments_then_the_same_again_and_time_referenc
     assert len(once_seen) == 2  # each round: a cold request with new garments, then the same request warm
     _, table = _run(webui, capsys)  # one round: the table says its figures are noisy
     assert "(one round: noisy" in next(line for line in table.splitlines() if line.strip().startswith("time:"))
+
+
+@pytest.mark.parametrize(("parser", "status"), [("keeps", "PASS"), ("repaints", "FAIL")])
+def test_photo_check_needs_the_mask_its_preview_and_the_photo_kept_outside(webui, capsys, parser, status):
+    FakeWebUI.parser = parser
+    code, out = _run(webui, capsys, "--json")
+    check = next(c for c in json.loads(out)["checks"] if c["name"] == "dress a photo")
+    assert check["status"] == status, check
+    assert code == (0 if status == "PASS" else 1)

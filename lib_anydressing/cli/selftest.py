@@ -3,7 +3,8 @@
 Drives only the public HTTP API of a running A1111 or Forge (started with `--api`), with whatever
 checkpoint is loaded, and the two garments of tests/data: plain against dressed; the same dressed
 request before and after a different one; a garment that is not an image; an interrupt mid-sampling;
-hires fix; ControlNet with a pose image when its API is there; and, last, the plain image again, which
+hires fix; ControlNet with a pose image when its API is there; a photo dressed in img2img with 'mask
+from garments' when a clothes parser is installed; and, last, the plain image again, which
 must be pixel-identical to the first (the model left untouched). Prints a PASS/FAIL table with what to
 do for each failure, and the time of a dressed generation against a plain one, cold (garments never
 seen: encoding and GarmentsNet included) and warm (features cached), and against ControlNet
@@ -69,12 +70,12 @@ class WebUI:
         with urllib.request.urlopen(request, timeout=self.timeout) as answer:
             return json.loads(answer.read() or b"null")
 
-    def txt2img(self, payload: dict) -> Generation:
+    def txt2img(self, payload: dict, route: str = "/sdapi/v1/txt2img") -> Generation:
         started = time.perf_counter()
-        answer = self.call("/sdapi/v1/txt2img", payload)
+        answer = self.call(route, payload)
         info = json.loads(answer["info"])
-        image = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["images"][0]))).convert("RGB"))
-        return Generation(image, info.get("extra_generation_params", {}), time.perf_counter() - started)
+        images = [np.asarray(Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB")) for b in answer["images"]]
+        return Generation(images[0], info.get("extra_generation_params", {}), time.perf_counter() - started, images)
 
 
 @dataclass
@@ -82,6 +83,7 @@ class Generation:
     image: np.ndarray
     params: dict[str, Any]
     seconds: float
+    images: list[np.ndarray] = field(default_factory=list)  # all the API answered (a mask preview follows)
 
     @property
     def problems(self) -> str:
@@ -125,7 +127,9 @@ def pose_image(width: int, height: int) -> str:
     return _png_b64(image)
 
 
-def run(webui: WebUI, report: Report, size: int, steps: int, seed: int, repeats: int = 1) -> None:
+def run(
+    webui: WebUI, report: Report, size: int, steps: int, seed: int, repeats: int = 1, photo: Image.Image | None = None
+) -> None:
     """All checks, in an order where each one's state is known: the plain image first and last."""
     report.checkpoint = str(webui.call("/sdapi/v1/options").get("sd_model_checkpoint", "?"))
     base = {"prompt": "a person standing, full body", "negative_prompt": "", "seed": seed, "steps": steps,
@@ -169,6 +173,7 @@ def run(webui: WebUI, report: Report, size: int, steps: int, seed: int, repeats:
     add(_interrupt(webui, {**base, "steps": steps * 4, "alwayson_scripts": garment_args()}))
     add(_hires(webui, base))
     add(_controlnet(webui, base, size, plain.image))
+    add(_photo(webui, base, photo))
 
     last = webui.txt2img(base)
     if np.array_equal(last.image, plain.image):
@@ -293,6 +298,39 @@ def _controlnet(webui: WebUI, base: dict, size: int, plain: np.ndarray) -> Check
     return Check("controlnet", "FAIL", both.problems or "the garments changed nothing under ControlNet", PROBLEM)
 
 
+def person_photo(width: int, height: int) -> Image.Image:
+    """A drawn person on grey: skin-coloured head, red top, blue trousers (what a clothes parser labels)."""
+    image = Image.new("RGB", (width, height), (150, 150, 150))
+    draw = ImageDraw.Draw(image)
+    w, h = width, height
+    draw.ellipse([0.42 * w, 0.12 * h, 0.58 * w, 0.28 * h], fill=(230, 190, 160))
+    draw.rectangle([0.34 * w, 0.30 * h, 0.66 * w, 0.62 * h], fill=(200, 30, 30))
+    draw.rectangle([0.36 * w, 0.62 * h, 0.64 * w, 0.95 * h], fill=(30, 30, 180))
+    return image
+
+
+def _photo(webui: WebUI, base: dict, photo: Image.Image | None) -> Check:
+    """img2img on a person photo, mask and regions from 2 garments: dressed, the mask recorded, its preview
+    after the image, and the photo kept outside the mask (the top-left corner is background)."""
+    photo = (photo or person_photo(base["width"], base["height"])).convert("RGB")
+    garments = [{"image": _b64(DATA / name), "category": category} for name, category, _ in GARMENTS]
+    payload = {**base, "width": photo.width, "height": photo.height, "init_images": [_png_b64(photo)],
+               "denoising_strength": 0.9, "inpainting_fill": 1, "mask_blur": 0,
+               "alwayson_scripts": garment_args(garments, mask_from_garments=True)}  # fmt: skip
+    result = webui.txt2img(payload, "/sdapi/v1/img2img")
+    if "no clothes parser is installed" in result.problems:
+        return Check("dress a photo", "SKIP", "no clothes parser installed (models/parser): see the README")
+    mask = result.params.get("AnyDressing mask")
+    corner = np.asarray(photo)[:8, :8]
+    if not (result.dressed and mask and len(result.images) == 2):
+        detail = result.problems or f"mask entry {mask!r}, {len(result.images)} images"
+        return Check("dress a photo", "FAIL", detail, PROBLEM)
+    if not np.array_equal(result.image[:8, :8], corner):
+        return Check("dress a photo", "FAIL", "the photo changed outside the mask", PROBLEM)
+    changed = _mean_change(np.asarray(photo), result.image)
+    return Check("dress a photo", "PASS", f"img2img, mask {mask}; preview returned; mean change {changed:.1f}")
+
+
 def _forge(webui: WebUI) -> bool:
     """Forge's txt2img takes hr_additional_modules; A1111's does not know it."""
     try:
@@ -351,6 +389,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for one request")
     parser.add_argument("--repeats", type=int, default=1, help="timed rounds (the fastest counts)")
+    parser.add_argument(
+        "--photo", type=Path, default=None, help="a person photo for the img2img check (default: drawn)"
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
 
 
@@ -358,7 +399,8 @@ def main(args: argparse.Namespace) -> int:
     webui = WebUI(args.url, args.timeout)
     report = Report(webui.url, "?")
     try:
-        run(webui, report, args.size, args.steps, args.seed, args.repeats)
+        photo = Image.open(args.photo) if args.photo else None
+        run(webui, report, args.size, args.steps, args.seed, args.repeats, photo)
     except urllib.error.HTTPError as e:  # a request the WebUI could not serve: the checks so far still count
         report.checks.append(Check("aborted", "FAIL", f"the WebUI answered {e}", "see the WebUI's console output"))
     except (urllib.error.URLError, OSError) as e:
