@@ -4,8 +4,8 @@ per pixel.
 Public clothes/human parsers (segformer_b2_clothes and its kind) are this class with ATR- or LIP-style
 labels. The labels come from the folder's config.json and are mapped onto `PARTS` by name, so a parser
 with other label names or another order works as long as its names say what they are. Nothing is
-downloaded, and weights are read from model.safetensors, or from pytorch_model.bin with
-`weights_only`, never unpickled beyond that. One parse per image content is kept (`cache_size`).
+downloaded; the weights go through files/pretrained.py (safetensors, or a .bin with `weights_only`).
+One parse per image content is kept (`cache_size`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..files.weights import WeightsFileError, load_tensors
+from ..files.pretrained import WEIGHT_FILES, load_pretrained
+from ..files.weights import WeightsFileError
 
 PARTS = (
     "background", "hair", "face", "neck", "upper", "lower", "dress", "belt", "shoes", "hat", "bag", "scarf",
@@ -39,11 +40,10 @@ _WORDS = (  # the first rule whose word is in a label names its part; labels spl
     ("bag", "bag"), ("scarf", "scarf"), ("arm", "arms"), ("hand", "arms"), ("glove", "arms"), ("leg", "legs"),
     ("foot", "legs"),
 )  # fmt: skip
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 EXTENSION_PARSER_DIR = Path(__file__).resolve().parents[2] / "models" / "parser"
 
 
-class ParserError(ValueError):
+class ParserError(WeightsFileError):
     """A parser folder that cannot be used, with a message meant for the user."""
 
 
@@ -96,23 +96,13 @@ class GarmentParser:
 
         self.folder = Path(folder)
         config = self._config(SegformerConfig)
-        weights = next((self.folder / f for f in WEIGHT_FILES if (self.folder / f).is_file()), None)
-        if weights is None:
-            raise ParserError(f"parser folder '{self.folder}' has no {' or '.join(WEIGHT_FILES)}")
-        try:
-            tensors = load_tensors(weights)
-        except WeightsFileError as e:
-            raise ParserError(f"parser folder '{self.folder.name}': {e}") from e
-        model = SegformerForSemanticSegmentation(config)  # segformer-b2 is 27 M parameters: built, then filled
-        try:
-            model.load_state_dict(tensors, strict=True)
-        except RuntimeError as e:
-            first = str(e).splitlines()[1:2] or [str(e)]
-            raise ParserError(f"the weights in '{weights}' do not fit its config.json: {first[0].strip()}") from e
+        model = load_pretrained(self.folder, SegformerForSemanticSegmentation, error=ParserError)
         self.model = model.eval().to(device)
         self.device = torch.device(device)
         has_processor = (self.folder / "preprocessor_config.json").is_file()
-        self.processor = SegformerImageProcessor.from_pretrained(str(self.folder)) if has_processor else None
+        self.processor = (
+            SegformerImageProcessor.from_pretrained(str(self.folder), local_files_only=True) if has_processor else None
+        )
         self.processor = self.processor or SegformerImageProcessor()  # segformer's own: 512x512, ImageNet stats
         labels = {int(i): name for i, name in config.id2label.items()}
         self.labels = labels
@@ -121,18 +111,17 @@ class GarmentParser:
         self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
 
     def _config(self, config_class: type):
+        """The folder's config, refused (naming why) unless it is a segformer whose labels name garments."""
         path = self.folder / "config.json"
         if not path.is_file():
             raise ParserError(f"'{self.folder}' is not a parser folder: it has no config.json")
         try:
-            config = config_class.from_pretrained(str(self.folder))
-        except (OSError, ValueError) as e:
+            kind = json.loads(path.read_text(encoding="utf-8")).get("model_type")
+            config = config_class.from_pretrained(str(self.folder), local_files_only=True)
+        except (OSError, ValueError, AttributeError) as e:
             raise ParserError(f"'{path}' cannot be read: {e}") from e
-        if getattr(config, "model_type", None) != "segformer":
-            raise ParserError(
-                f"'{self.folder.name}' is not a segformer clothes parser (its config says model_type "
-                f"'{json.loads(path.read_text(encoding='utf-8')).get('model_type')}')"
-            )
+        if kind != "segformer":
+            raise ParserError(f"'{self.folder.name}' is not a segformer clothes parser (its config says '{kind}')")
         names = {part_of(name) for name in config.id2label.values()}
         if not names & {"upper", "lower", "dress"}:
             raise ParserError(
