@@ -120,3 +120,21 @@ def test_bench_parse_times_a_parse_and_the_cache(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["image_wh"] == [768, 1024] and result["parser"] == str(folder)
     assert result["cached_parse_ms"] < result["parse_ms"]  # the cache answers without the model
+
+
+def test_huge_photo_labels_scaled_up_from_a_capped_map(tmp_path, monkeypatch):
+    import lib_anydressing.segment.parser as parser_module
+
+    parser = GarmentParser(write_parser(tmp_path / "p"))
+    photo = _photo(60, 90)
+    monkeypatch.setattr(parser_module, "MAX_SIDE", 30)  # a 60x90 photo is "huge" at this cap
+    labels = parser.labels_of(photo)
+    assert labels.shape == (90, 60)
+    from transformers import SegformerImageProcessor
+
+    pixels = SegformerImageProcessor(size={"height": 64, "width": 64})(images=photo, return_tensors="pt")
+    with torch.no_grad():
+        logits = parser_model()(**pixels).logits
+    small = F.interpolate(logits, size=(30, 20), mode="bilinear", align_corners=False)[0].argmax(0).numpy()
+    want = np.asarray(Image.fromarray(small.astype(np.uint8)).resize((60, 90), Image.Resampling.NEAREST))
+    assert np.array_equal(labels, want)

@@ -40,6 +40,7 @@ _WORDS = (  # the first rule whose word is in a label names its part; labels spl
     ("bag", "bag"), ("scarf", "scarf"), ("arm", "arms"), ("hand", "arms"), ("glove", "arms"), ("leg", "legs"),
     ("foot", "legs"),
 )  # fmt: skip
+MAX_SIDE = 2048  # the largest label map computed from logits; larger photos get it scaled up (labels_of)
 EXTENSION_PARSER_DIR = Path(__file__).resolve().parents[2] / "models" / "parser"
 
 
@@ -146,12 +147,21 @@ class GarmentParser:
 
     @torch.no_grad()
     def labels_of(self, rgb: Image.Image) -> np.ndarray:
-        """(H, W) label ids: the logits (at a quarter of the processor's size) upsampled to the image, argmax."""
+        """(H, W) label ids: the logits (at a quarter of the processor's size) upsampled to the image, argmax.
+
+        Upsampled to at most `MAX_SIDE` on the long side, the label map then scaled to the image by nearest
+        neighbour: the logits of a 6000x8000 photo at full size would take gigabytes for no finer edges.
+        """
         pixels = self.processor(images=rgb, return_tensors="pt")["pixel_values"]
         param = next(self.model.parameters())
         logits = self.model(pixel_values=pixels.to(self.device, param.dtype)).logits
-        logits = F.interpolate(logits.float(), size=(rgb.height, rgb.width), mode="bilinear", align_corners=False)
-        return logits[0].argmax(0).cpu().numpy()
+        scale = min(1.0, MAX_SIDE / max(rgb.size))
+        size = (max(1, round(rgb.height * scale)), max(1, round(rgb.width * scale)))
+        logits = F.interpolate(logits.float(), size=size, mode="bilinear", align_corners=False)
+        labels = logits[0].argmax(0).to(torch.uint8 if logits.shape[1] <= 256 else torch.int32).cpu().numpy()
+        if size != (rgb.height, rgb.width):
+            labels = np.asarray(Image.fromarray(labels).resize(rgb.size, Image.Resampling.NEAREST))
+        return labels
 
 
 INSTALL_HINT = (
