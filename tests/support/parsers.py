@@ -7,23 +7,20 @@ from pathlib import Path
 
 import torch
 
-ATR_LABELS = (
-    "Background", "Hat", "Hair", "Sunglasses", "Upper-clothes", "Skirt", "Pants", "Dress", "Belt", "Left-shoe",
-    "Right-shoe", "Face", "Left-leg", "Right-leg", "Left-arm", "Right-arm", "Bag", "Scarf",
-)  # fmt: skip
+from lib_anydressing.segment.bench_parse import ATR as ATR_LABELS  # segformer_b2_clothes' labels
+
 TINY = {"depths": [1, 1, 1, 1], "hidden_sizes": [8, 16, 32, 64], "decoder_hidden_size": 32,
         "num_attention_heads": [1, 1, 2, 4]}  # fmt: skip
-B2 = {"depths": [3, 4, 6, 3], "hidden_sizes": [64, 128, 320, 512], "decoder_hidden_size": 768}  # segformer-b2
 
 
-def parser_model(labels=ATR_LABELS, size: dict | None = None, seed: int = 0):
+def parser_model(labels=ATR_LABELS, seed: int = 0):
     """A SegformerForSemanticSegmentation with random weights; the classifier's are large, so the label varies
     with the pixels (with transformers' small init one class wins everywhere)."""
     from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
     config = SegformerConfig(
         num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)},
-        **(TINY if size is None else size),
+        **TINY,
     )  # fmt: skip
     torch.manual_seed(seed)
     model = SegformerForSemanticSegmentation(config).eval()
@@ -33,11 +30,11 @@ def parser_model(labels=ATR_LABELS, size: dict | None = None, seed: int = 0):
     return model
 
 
-def write_parser(folder: Path, labels=ATR_LABELS, *, safetensors: bool = True, size: dict | None = None) -> Path:
+def write_parser(folder: Path, labels=ATR_LABELS, *, safetensors: bool = True) -> Path:
     """The model's folder as the HF hub has it: config.json, weights, preprocessor_config.json (at 64 px, fast)."""
     from transformers import SegformerImageProcessor
 
-    model = parser_model(labels, size)
+    model = parser_model(labels)
     model.save_pretrained(str(folder), safe_serialization=safetensors)
     SegformerImageProcessor(size={"height": 64, "width": 64}).save_pretrained(str(folder))
     return folder
